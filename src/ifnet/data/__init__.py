@@ -1,0 +1,1 @@
+"""Data: annotations, image loading, datasets and collate, report cleaning and vocabulary."""

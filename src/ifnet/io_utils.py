@@ -1,0 +1,90 @@
+"""Atomic file writing: a reader sees the old file or the new one, never half of one.
+
+Every file the toolkit writes for a user (annotations, labels, enhanced images, predictions,
+checkpoints) goes through ``atomic_write``: write a temporary file in the same directory,
+fsync, then ``os.replace``. On any error the temporary file is removed and the target is
+untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import IO, Any, Iterator, Union
+
+from ifnet.errors import IFNetError
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+class OutputExistsError(IFNetError):
+    """Refusing to overwrite a user's file without being asked to."""
+
+
+def check_writable_target(path: PathLike, overwrite: bool) -> Path:
+    """Raise a clear error if ``path`` exists and ``overwrite`` is False."""
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise OutputExistsError(f"{p}: already exists; pass --overwrite to replace it")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_write(path: PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
+    """Open a temporary sibling of ``path`` for writing; move it into place on success.
+
+    ``mode`` is ``"w"`` (text) or ``"wb"`` (binary).
+    """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    with atomic_write(path, "wb") as fh:
+        fh.write(data)
+
+
+def atomic_write_text(path: PathLike, text: str) -> None:
+    with atomic_write(path, "w") as fh:
+        fh.write(text)
+
+
+def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2) -> None:
+    """Serialise first (so a non-serialisable object never leaves a file), then write atomically."""
+    text = json.dumps(obj, indent=indent, ensure_ascii=False)
+    atomic_write_text(path, text + "\n")
+
+
+def read_json(path: PathLike) -> Any:
+    """Read a JSON file; a missing or malformed file is a one-line DataError naming it."""
+    from ifnet.errors import DataError
+
+    p = Path(path)
+    try:
+        with open(p, encoding="utf-8") as fh:
+            return json.load(fh)
+    except FileNotFoundError:
+        raise DataError(p, "file not found") from None
+    except IsADirectoryError:
+        raise DataError(p, "is a directory, expected a JSON file") from None
+    except UnicodeDecodeError as e:
+        raise DataError(p, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise DataError(p, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
