@@ -1,0 +1,63 @@
+"""Config layering: defaults <- YAML <- --set, with unknown keys and wrong types as clear errors."""
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import pytest
+
+from ifnet.config import parse_overrides, resolve, to_dict
+from ifnet.errors import DataError, UsageError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3
+    epochs: int = 30
+    amsgrad: bool = True
+
+
+@dataclass
+class Run:
+    name: str = "run"
+    weights: Optional[str] = None
+    optim: Optim = field(default_factory=Optim)
+    tags: list[str] = field(default_factory=list)
+
+
+def test_layering_defaults_yaml_overrides(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("optim:\n  lr: 0.002\n  epochs: 5\nname: iu\n")
+    cfg = resolve(Run, cfg_file, ["optim.epochs=7", "tags=[a, b]", "weights=/w.pth"])
+    assert cfg.optim.lr == 0.002 and cfg.optim.epochs == 7 and cfg.optim.amsgrad is True
+    assert cfg.name == "iu" and cfg.tags == ["a", "b"] and cfg.weights == "/w.pth"
+    assert to_dict(cfg) == {"name": "iu", "weights": "/w.pth", "tags": ["a", "b"],
+                            "optim": {"lr": 0.002, "epochs": 7, "amsgrad": True}}
+
+
+def test_misspelled_key_is_an_error_naming_it(tmp_path):
+    with pytest.raises(DataError, match=r"unknown key\(s\) optim\.amsgard"):
+        resolve(Run, None, ["optim.amsgard=false"])
+
+
+def test_bool_is_not_truthy_string():
+    # R2Gen's `type=bool` made "--amsgrad False" True; here it is a type error.
+    with pytest.raises(DataError, match=r"optim\.amsgrad.*true/false"):
+        resolve(Run, None, ["optim.amsgrad=maybe"])
+    assert resolve(Run, None, ["optim.amsgrad=false"]).optim.amsgrad is False
+
+
+def test_int_field_rejects_float():
+    with pytest.raises(DataError, match=r"optim\.epochs.*integer"):
+        resolve(Run, None, ["optim.epochs=2.5"])
+
+
+def test_bad_override_syntax():
+    with pytest.raises(UsageError, match="key=value"):
+        parse_overrides(["optim.lr"])
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("optim:\n  lr: [1, 2\n")
+    with pytest.raises(DataError, match=r"bad\.yaml: invalid YAML at line"):
+        resolve(Run, bad)
