@@ -89,3 +89,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"ifnet {command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # Output piped into `head` & co.: stop quietly, as Unix tools do.
+        sys.stderr.close()
+        return 141

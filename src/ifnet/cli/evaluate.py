@@ -1,0 +1,47 @@
+"""`ifnet evaluate --checkpoint CKPT [--split test] --out DIR`: decode a split, score it, write a page.
+
+The preprocessing (image size, views, IEC) comes from the checkpoint's training config, so a user
+never retypes a training flag. Only images reach the model; references are used for scoring after
+decoding is finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from ifnet.errors import IFNetError
+
+HELP = "decode a split with a checkpoint and score it"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (e.g. runs/iu/best)")
+    parser.add_argument("--split", default="test", help="annotation split to decode (default: test)")
+    parser.add_argument("--annotation", type=Path, help="annotation.json (default: the one the model was trained on)")
+    parser.add_argument("--image-root", type=Path, help="image folder (default: the training one)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    parser.add_argument("--beam-size", type=int, help="beam width (default: the training config's)")
+    parser.add_argument("--max-len", type=int, help="maximum report length in tokens (default: the training config's)")
+    parser.add_argument("--limit", type=int, help="decode only the first N studies of the split")
+    parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
+    parser.add_argument("--examples", type=int, default=24, help="studies shown on the HTML page (default 24)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda ...")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing outputs in --out")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ifnet.evaluation import evaluate_checkpoint
+
+    out: Path = args.out
+    if (out / "metrics.json").exists() and not args.overwrite:
+        raise IFNetError(f"{out / 'metrics.json'}: already exists; pass --overwrite to replace it")
+    result = evaluate_checkpoint(args.checkpoint, out, split=args.split, annotation=args.annotation,
+                                 image_root=args.image_root, beam_size=args.beam_size, max_len=args.max_len,
+                                 limit=args.limit, meteor=not args.no_meteor, examples=args.examples,
+                                 device=args.device)
+    from ifnet.cli.score import format_table
+
+    print(format_table(result["metrics"]))
+    print(f"wrote {out / 'predictions.json'}, {out / 'metrics.json'} and {out / 'index.html'}")
+    return 0

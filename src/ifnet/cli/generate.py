@@ -1,0 +1,60 @@
+"""`ifnet generate --checkpoint CKPT FRONTAL [LATERAL] [--json] [--findings ...] [--heatmap OUT.png]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ifnet.errors import IFNetError
+
+HELP = "write the report for one new study (PNG, JPEG or DICOM)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (e.g. runs/iu/best)")
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
+                        help="the frontal image, then optionally the lateral (PNG, JPEG or DICOM)")
+    parser.add_argument("--json", action="store_true", help="print JSON (report, findings, timings) instead of text")
+    parser.add_argument("--findings", metavar="NAMES",
+                        help="condition the memory on these findings (comma-separated observation names) instead "
+                             "of the model's predictions: the radiologist-supplies-findings workflow")
+    parser.add_argument("--heatmap", type=Path, metavar="OUT.png",
+                        help="write the most probable finding's activation map over the frontal image")
+    parser.add_argument("--beam-size", type=int, help="beam width (default: the training config's)")
+    parser.add_argument("--max-len", type=int, help="maximum report length in tokens")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --heatmap file")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ifnet.data.images import read_xray
+    from ifnet.inference import Predictor, heatmap_overlay_png, parse_findings
+    from ifnet.io_utils import atomic_write_bytes, check_writable_target
+
+    if len(args.images) > 2:
+        raise IFNetError(f"at most two images (frontal, lateral); got {len(args.images)}")
+    if args.heatmap is not None:
+        check_writable_target(args.heatmap, args.overwrite)
+    findings = parse_findings(args.findings) if args.findings is not None else None
+    views = [read_xray(p) for p in args.images]  # clear ImageError naming a bad file, before loading the model
+    predictor = Predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len)
+    pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
+    if args.heatmap is not None and pred.heatmap is not None:
+        atomic_write_bytes(args.heatmap, heatmap_overlay_png(views[0], pred.heatmap))
+    if args.json:
+        doc = pred.to_json()
+        doc["images"] = [str(p) for p in args.images]
+        if args.heatmap is not None:
+            doc["heatmap"] = str(args.heatmap)
+        print(json.dumps(doc, indent=2))
+        return 0
+    print(pred.report)
+    print()
+    label = "supplied findings" if pred.conditioned_on == "supplied" else "predicted findings"
+    print(f"{label} (probability from the label head):")
+    for name, p in sorted(pred.findings.items(), key=lambda kv: -kv[1]):
+        print(f"  {name:<28} {p:.3f}")
+    if args.heatmap is not None:
+        print(f"heatmap ({pred.heatmap_label}) written to {args.heatmap}")
+    return 0

@@ -1,0 +1,69 @@
+"""`ifnet reproduce --config CFG --seeds 3 --out DIR`: train + evaluate per seed, then mean +- std.
+
+Each seed trains a full run (model selection on validation) and its best checkpoint is evaluated on
+the test split; DIR/summary.json and DIR/summary.md give every metric as mean +- sample std.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+from ifnet.errors import IFNetError, UsageError
+
+HELP = "train and evaluate with several seeds, report mean +- std"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML training config")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--seeds", type=int, default=3, help="number of seeds: config seed, seed+1, ... (default 3)")
+    parser.add_argument("--split", default="test", help="split each best checkpoint is evaluated on (default test)")
+    parser.add_argument("--out", type=Path, required=True, help="output folder: one run per seed + summary")
+    parser.add_argument("--no-meteor", action="store_true")
+    parser.add_argument("--resume", action="store_true", help="skip seeds whose evaluation already exists")
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1)) if n > 1 else 0.0
+    return mean, std
+
+
+def run(args: argparse.Namespace) -> int:
+    from ifnet.config import resolve
+    from ifnet.evaluation import evaluate_checkpoint
+    from ifnet.io_utils import atomic_write_json, atomic_write_text, read_json
+    from ifnet.train.config import TrainConfig
+    from ifnet.train.trainer import Trainer
+
+    if args.seeds < 1:
+        raise UsageError("--seeds must be >= 1")
+    base = resolve(TrainConfig, args.config, args.overrides)
+    per_seed: dict[int, dict] = {}
+    for i in range(args.seeds):
+        seed = base.seed + i
+        run_dir = args.out / f"seed{seed}"
+        eval_dir = run_dir / f"eval-{args.split}"
+        if args.resume and (eval_dir / "metrics.json").exists():
+            per_seed[seed] = read_json(eval_dir / "metrics.json")
+            continue
+        if (run_dir / "config.json").exists() and not args.resume:
+            raise IFNetError(f"{run_dir}: already holds a run; use --resume or another --out")
+        cfg = resolve(TrainConfig, args.config, args.overrides + [f"seed={seed}"])
+        print(f"== seed {seed} ({i + 1}/{args.seeds})", flush=True)
+        Trainer(cfg, run_dir, resume=(run_dir / "last").exists()).fit()
+        ev = evaluate_checkpoint(run_dir / "best", eval_dir, split=args.split, meteor=not args.no_meteor)
+        per_seed[seed] = ev["metrics"]
+    keys = [k for k, v in next(iter(per_seed.values())).items() if isinstance(v, (int, float)) and
+            not isinstance(v, bool) and k not in ("num_studies", "beam_size", "max_len")]
+    summary = {k: dict(zip(("mean", "std"), mean_std([float(m[k]) for m in per_seed.values()]))) for k in keys}
+    atomic_write_json(args.out / "summary.json", {"seeds": list(per_seed), "split": args.split,
+                                                  "metrics": summary, "per_seed": per_seed})
+    lines = [f"| metric | mean +- std over {len(per_seed)} seeds ({args.split}) |", "|---|---|"]
+    lines += [f"| {k} | {v['mean']:.4f} +- {v['std']:.4f} |" for k, v in summary.items()]
+    atomic_write_text(args.out / "summary.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,147 @@
+"""Decoding a set of studies with a model: reports, predicted findings, optional loss.
+
+Shared by validation in the trainer and by `ifnet evaluate`. Only images (or cached features) and
+the view mask reach the model: reference tokens and labels in a batch are used for nothing but the
+optional validation loss, which is computed *after* decoding and never feeds it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from ifnet.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
+from ifnet.decoding.search import beam_search, greedy_decode
+from ifnet.errors import IFNetError
+from ifnet.labels import OBSERVATIONS
+from ifnet.models.ifnet import IFNet, IFNetDecoder
+
+
+@torch.no_grad()
+def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: Any, *, device: torch.device,
+                   beam_size: int = 3, max_len: int = 60, with_loss: bool = False,
+                   batch_size: Optional[int] = None, progress: bool = False) -> list[dict]:
+    """One dict per study: id, generated report, reference (raw), label probabilities [14], and
+    ``loss`` (teacher-forced, conditioned on predicted labels) when ``with_loss``."""
+    from tqdm import tqdm
+
+    from ifnet.train.data import build_loader
+
+    was_training = model.training
+    model.eval()
+    loader = build_loader(ds, data_cfg, train=False, seed=0, batch_size=batch_size)
+    results: list[dict] = []
+    try:
+        for batch in tqdm(loader, desc="decoding", leave=False, disable=not progress):
+            view_mask = batch["view_mask"].to(device)
+            images = batch["images"].to(device) if "images" in batch else None
+            features = batch["features"].to(device).float() if "features" in batch else None
+            enc = model.encode(images, view_mask, None, features=features)  # None: predicted labels
+            adapter = IFNetDecoder(model)
+            if beam_size == 1:
+                tokens = greedy_decode(adapter, enc, bos_id=BOS_ID, eos_id=EOS_ID, max_len=max_len)
+            else:
+                tokens = beam_search(adapter, enc, beam_size=beam_size, bos_id=BOS_ID, eos_id=EOS_ID, max_len=max_len)
+            probs = torch.sigmoid(enc.label_logits).float().cpu().numpy()
+            losses = None
+            if with_loss:
+                ref_tokens = batch["tokens"].to(device)
+                out = model(images, view_mask, ref_tokens, None, features=features)
+                losses = _per_study_caption_loss(out.logits, ref_tokens)
+            for i, sid in enumerate(batch["ids"]):
+                row = {"id": sid, "generated": tokenizer.decode(tokens[i].tolist()), "reference": batch["reports"][i],
+                       "probabilities": probs[i]}
+                if losses is not None:
+                    row["loss"] = float(losses[i])
+                results.append(row)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _per_study_caption_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    targets = tokens[:, 1:]
+    nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=0, reduction="none")
+    mask = (targets != 0).float()
+    return (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def findings_dict(probs: np.ndarray) -> dict[str, float]:
+    return {name: round(float(p), 4) for name, p in zip(OBSERVATIONS, probs)}
+
+
+def _training_data_config(meta: dict, checkpoint: Path) -> Any:
+    """The DataConfig the checkpoint was trained with (image size, views, IEC): evaluation must match it."""
+    from ifnet.config import from_dict
+    from ifnet.train.config import TrainConfig
+
+    train_cfg = (meta.get("metadata") or {}).get("train_config")
+    if not train_cfg:
+        raise IFNetError(f"{checkpoint}: has no training config in meta.json; cannot know its preprocessing")
+    return from_dict(TrainConfig, train_cfg, source=f"{checkpoint}/meta.json").data
+
+
+def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", annotation: Optional[Path] = None,
+                        image_root: Optional[Path] = None, beam_size: Optional[int] = None,
+                        max_len: Optional[int] = None, limit: Optional[int] = None, meteor: bool = True,
+                        examples: int = 24, device: str = "auto") -> dict:
+    """Decode ``split`` with ``checkpoint``; write predictions.json, metrics.json and index.html to ``out``."""
+    from dataclasses import replace
+
+    from ifnet.data.annotation import load_annotation
+    from ifnet.data.dataset import ReportDataset
+    from ifnet.data.images import read_xray, to_uint8
+    from ifnet.iec.clahe import build_enhancer
+    from ifnet.io_utils import atomic_write_json
+    from ifnet.metrics.scoring import score_reports
+    from ifnet.models.checkpoint import load_checkpoint
+    from ifnet.report_page import Example, write_page
+    from ifnet.train.data import image_config
+    from ifnet.train.trainer import resolve_device
+
+    dev = resolve_device(device)
+    model, tokenizer, _, meta = load_checkpoint(checkpoint, map_location=dev)
+    d = _training_data_config(meta, checkpoint)
+    d = replace(d, annotation=str(annotation or d.annotation), image_root=str(image_root or d.image_root))
+    train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
+    beam = beam_size or int(train_eval.get("beam_size", 3))
+    length = max_len or int(train_eval.get("max_len", 60))
+    ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=(split,), max_views=d.max_views)
+    studies = ann.split(split)[: limit or None]
+    if not studies:
+        raise IFNetError(f"{d.annotation}: split {split!r} is empty")
+    ds = ReportDataset(studies, d.image_root, tokenizer, image_config(d), d.max_tokens, None, train=False)
+    preds = decode_studies(model, ds, tokenizer, d, device=dev, beam_size=beam, max_len=length, progress=True)
+    refs = {p["id"]: p["reference"] for p in preds}
+    hyps = {p["id"]: p["generated"] for p in preds}
+    metrics_list = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "CE") if meteor else ("BLEU", "ROUGE_L", "CIDEr", "CE")
+    report = score_reports(refs, hyps, cleaner=d.cleaner, metrics=metrics_list)
+    metrics = dict(report.scores)
+    rows = []
+    per_study = {r["id"]: r for r in report.per_study}
+    for p in preds:
+        ref_labels = per_study.get(p["id"], {}).get("ref_labels", {})
+        rows.append({"id": p["id"], "generated": p["generated"], "reference": p["reference"],
+                     "predicted_findings": findings_dict(p["probabilities"]),
+                     "reference_labels": ref_labels})
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "predictions.json", rows)
+    atomic_write_json(out / "metrics.json", {**metrics, "split": split, "num_studies": len(preds),
+                                             "beam_size": beam, "max_len": length, "checkpoint": str(checkpoint)})
+    enhancer = build_enhancer(d.iec if d.iec != "none" else "clahe", d.clip_limit, d.tile_grid)
+    page_examples = []
+    for study, row in zip(studies[:examples], rows[:examples]):
+        views = [read_xray(p) for p in ann.image_files(study)[: d.max_views]]
+        page_examples.append(Example(
+            study.id, row["generated"], row["reference"], images=[to_uint8(v) for v in views],
+            enhanced=[to_uint8(enhancer(v)) for v in views], findings=row["predicted_findings"],
+            reference_findings=[k for k, v in row["reference_labels"].items() if v in (1, -1)]))
+    write_page(out / "index.html", f"IFNet evaluation: {split} split ({len(preds)} studies)", page_examples,
+               metrics={k: v for k, v in metrics.items()},
+               curves_png=Path(checkpoint).parent / "curves.png",
+               notes=[f"checkpoint {checkpoint}; beam {beam}; CE uncertain -> {metrics.get('CE_uncertain', 'positive')}"])
+    return {"metrics": metrics, "predictions": rows}

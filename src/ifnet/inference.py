@@ -1,0 +1,153 @@
+"""Report generation for new studies: the library behind `ifnet generate` and `ifnet serve`.
+
+A :class:`Predictor` loads a checkpoint once and turns decoded views ([H, W] arrays from
+:func:`ifnet.data.images.read_xray`) into a report, predicted findings with probabilities, timings
+per stage, and optionally a heatmap. Preprocessing (size, IEC) is the checkpoint's training config.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ifnet.data.tokenizer import BOS_ID, EOS_ID
+from ifnet.errors import IFNetError
+from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS
+
+
+@dataclass
+class Prediction:
+    report: str
+    findings: dict[str, float]  # observation -> probability (from the label head)
+    condition: dict[str, float]  # the label vector the memory was conditioned on
+    conditioned_on: str  # "predicted" or "supplied"
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    heatmap: Optional[np.ndarray] = None  # [H, W] in 0..1 over the frontal view, when asked
+    heatmap_label: Optional[str] = None
+
+    def to_json(self) -> dict:
+        return {"report": self.report, "findings": self.findings, "condition": self.condition,
+                "conditioned_on": self.conditioned_on, "timings_ms": self.timings_ms,
+                "heatmap_label": self.heatmap_label}
+
+
+def parse_findings(text: str) -> np.ndarray:
+    """``"Cardiomegaly, Pleural Effusion"`` -> 0/1 vector [14]; names are case-insensitive."""
+    lookup = {name.lower(): i for i, name in enumerate(OBSERVATIONS)}
+    vec = np.zeros(NUM_OBSERVATIONS, dtype=np.float32)
+    for raw in text.split(","):
+        name = raw.strip().lower()
+        if not name:
+            continue
+        if name not in lookup:
+            raise IFNetError(f"--findings: unknown observation {raw.strip()!r}; choose from: {', '.join(OBSERVATIONS)}")
+        vec[lookup[name]] = 1.0
+    if vec[:-1].sum() == 0:
+        vec[-1] = 1.0  # nothing supplied but "normal": No Finding
+    return vec
+
+
+class Predictor:
+    def __init__(self, checkpoint: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
+                 max_len: Optional[int] = None) -> None:
+        from ifnet.evaluation import _training_data_config
+        from ifnet.models.checkpoint import load_checkpoint
+        from ifnet.train.data import image_config
+        from ifnet.train.trainer import resolve_device
+        from ifnet.data.transforms import ImageTransform
+
+        self.device = resolve_device(device)
+        self.model, self.tokenizer, self.config, meta = load_checkpoint(checkpoint, map_location=self.device)
+        self.data_config = _training_data_config(meta, Path(checkpoint))
+        self.transform = ImageTransform(image_config(self.data_config), train=False)
+        train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
+        self.beam_size = beam_size or int(train_eval.get("beam_size", 3))
+        self.max_len = max_len or int(train_eval.get("max_len", 60))
+        self.checkpoint = str(checkpoint)
+
+    @torch.no_grad()
+    def predict(self, views: Sequence[np.ndarray], *, findings: Optional[np.ndarray] = None,
+                heatmap: bool = False) -> Prediction:
+        """``views``: frontal first, then lateral (optional), each [H, W] uint8/uint16."""
+        from ifnet.decoding.search import beam_search, greedy_decode
+        from ifnet.models.ifnet import IFNetDecoder
+
+        if not views:
+            raise IFNetError("at least one view (the frontal image) is needed")
+        views = list(views)[: self.config.max_views]
+        t: dict[str, float] = {}
+        t0 = time.perf_counter()
+        enhanced = [self.transform.enhance(v) for v in views]
+        t["enhance"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        images = torch.stack([self.transform.to_tensor(e) for e in enhanced])[None].to(self.device)
+        view_mask = torch.ones(1, len(views), dtype=torch.bool, device=self.device)
+        t["preprocess"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        features = self.model.extract_features(images, view_mask)
+        t["backbone"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        condition = None if findings is None else torch.as_tensor(findings, dtype=torch.float32,
+                                                                  device=self.device)[None]
+        enc = self.model.encode(None, view_mask, condition, features=features)
+        t["memory_encoder"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        adapter = IFNetDecoder(self.model)
+        if self.beam_size == 1:
+            tokens = greedy_decode(adapter, enc, bos_id=BOS_ID, eos_id=EOS_ID, max_len=self.max_len)
+        else:
+            tokens = beam_search(adapter, enc, beam_size=self.beam_size, bos_id=BOS_ID, eos_id=EOS_ID,
+                                 max_len=self.max_len)
+        t["decode"] = time.perf_counter() - t0
+        probs = torch.sigmoid(enc.label_logits[0]).float().cpu().numpy()
+        pred = Prediction(
+            report=self.tokenizer.decode(tokens[0].tolist()),
+            findings={n: round(float(p), 4) for n, p in zip(OBSERVATIONS, probs)},
+            condition={n: round(float(c), 4) for n, c in zip(OBSERVATIONS, enc.condition[0].float().cpu())},
+            conditioned_on="predicted" if findings is None else "supplied",
+        )
+        if heatmap:
+            t0 = time.perf_counter()
+            pred.heatmap, pred.heatmap_label = self._heatmap(features, view_mask, probs, views[0].shape)
+            t["heatmap"] = time.perf_counter() - t0
+        pred.timings_ms = {k: round(v * 1000, 2) for k, v in t.items()}
+        pred.timings_ms["total"] = round(sum(t.values()) * 1000, 2)
+        return pred
+
+    def _heatmap(self, features: torch.Tensor, view_mask: torch.Tensor, probs: np.ndarray,
+                 shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
+        """Class activation map of the most probable finding (No Finding excluded) on the frontal view."""
+        maps = self.model.label_activation_maps(features, view_mask)[0]  # [14, V, h, w]
+        label = int(np.argmax(probs[:-1]))
+        cam = maps[label, 0].float()
+        cam = torch.relu(cam - cam.mean())
+        cam = cam / cam.max().clamp(min=1e-8)
+        up = torch.nn.functional.interpolate(cam[None, None], size=tuple(shape[:2]), mode="bilinear",
+                                             align_corners=False)[0, 0]
+        return up.cpu().numpy(), OBSERVATIONS[label]
+
+
+def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45) -> bytes:
+    """PNG bytes of ``heat`` (0..1, [H, W]) as a colour map over the grayscale ``image``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import colormaps
+    from PIL import Image
+
+    from ifnet.data.images import to_uint8
+
+    gray = to_uint8(image).astype(np.float32) / 255.0
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
+    weight = alpha * np.clip(heat, 0, 1)[..., None]
+    out = (rgb * (1 - weight) + colours * weight)
+    buf = io.BytesIO()
+    Image.fromarray((out * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()

@@ -1,0 +1,1 @@
+"""Training app pieces: run config, seeding and provenance, logging, the trainer loop."""

@@ -1,0 +1,65 @@
+"""The training run's config: one typed dataclass per component, nested (see ifnet/config.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from ifnet.models.ifnet import IFNetConfig
+
+
+@dataclass
+class DataConfig:
+    annotation: str = ""  # R2Gen-format annotation.json
+    image_root: str = ""  # folder the annotation's image_path entries are relative to
+    labels: Optional[str] = None  # 14-label JSON for train/val; studies without one are labelled by the offline labeler
+    cleaner: str = "iu_xray"  # R2Gen report cleaning: iu_xray or mimic_cxr (scores compare with papers only if it matches)
+    vocab_threshold: int = 3  # words seen fewer times in train become <unk> (R2Gen: 3 IU-Xray, 10 MIMIC-CXR)
+    max_tokens: int = 60  # words kept per training report (R2Gen's max_seq_length)
+    image_size: int = 224  # network input side; the patch grid follows (7x7 at 224 for stride-32 CNNs)
+    max_views: int = 2  # views per study (IU-Xray: frontal + lateral; MIMIC-CXR: 1 or more)
+    iec: str = "none"  # on-the-fly enhancement: none, clahe or adaptive (identical to `ifnet enhance`)
+    clip_limit: float = 1.7  # CLAHE clip limit (the paper's value)
+    tile_grid: int = 8  # CLAHE tiles per side
+    train_augment: bool = True  # random resized crop / small affine on train images (no flip: heart side matters)
+    batch_size: int = 16  # studies per optimisation step (per process under torchrun)
+    num_workers: int = 2  # DataLoader worker processes
+    val_limit: Optional[int] = None  # decode only the first N validation studies each epoch (None: all)
+
+
+@dataclass
+class OptimConfig:
+    epochs: int = 30  # the paper's IU-Xray setting
+    lr_visual: float = 1e-3  # learning rate of the CNN extractor (paper)
+    lr_rest: float = 2e-3  # learning rate of everything else (paper)
+    weight_decay: float = 5e-5  # Adam weight decay (R2Gen)
+    amsgrad: bool = True  # R2Gen uses AMSGrad
+    step_size: int = 10  # StepLR period in epochs (paper)
+    gamma: float = 0.8  # StepLR decay (paper)
+    grad_clip: float = 0.1  # max gradient norm (R2Gen hard-codes 0.1; here it is a setting)
+    label_loss_weight: float = 1.0  # weight of the 14-label BCE beside the report cross-entropy
+    label_forcing: float = 1.0  # memory conditioned on text labels (1) vs predicted probabilities (0) in training
+    amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    max_bad_steps: int = 20  # consecutive non-finite losses/gradients before training stops
+
+
+@dataclass
+class EvalConfig:
+    beam_size: int = 3  # beam width when decoding validation/test reports (paper: 3)
+    max_len: int = 60  # longest generated report in tokens (IU-Xray 60, MIMIC-CXR 100)
+    monitor: str = "BLEU_4"  # validation metric for model selection (higher is better)
+    patience: int = 50  # epochs without validation improvement before early stopping
+    uncertain: str = "positive"  # CE mapping of the labeler's 'uncertain' (printed beside CE numbers)
+    meteor: bool = True  # METEOR needs Java; off skips it (the key is then absent)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 9223  # R2Gen's seed; every random draw derives from it (offset by rank under torchrun)
+    deterministic: bool = False  # deterministic torch kernels (bit-reproducible CPU runs, slower)
+    device: str = "auto"  # auto (cuda if available), cpu, cuda, cuda:1 ...
+    cache_features: bool = False  # with a frozen extractor: compute CNN features once and train on the cache
+    model: IFNetConfig = field(default_factory=IFNetConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)

@@ -1,0 +1,339 @@
+"""The training loop: teacher forcing + label BCE, validation scoring each epoch, model selection on
+the validation split only, atomic `last`/`best` checkpoints, exact `--resume`, optional DDP.
+
+The test split is never loaded here: it is decoded only by `ifnet evaluate`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+
+from ifnet.config import to_dict
+from ifnet.data.annotation import Study, load_annotation, load_label_file
+from ifnet.data.tokenizer import Tokenizer
+from ifnet.errors import IFNetError
+from ifnet.io_utils import atomic_write_json
+from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS, to_binary
+from ifnet.models.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from ifnet.models.ifnet import IFNet, compute_losses
+from ifnet.train import distributed as dist_utils
+from ifnet.train.config import TrainConfig
+from ifnet.train.data import build_loader, make_dataset
+from ifnet.train.logs import MetricsLog, plot_curves
+from ifnet.train.runinfo import run_provenance, seed_everything
+
+LAST, BEST = "last", "best"
+
+
+class TrainingDiverged(IFNetError):
+    """Too many consecutive non-finite losses or gradients."""
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    best_epoch: int
+    best_score: float
+    epochs_run: int
+    history: list[dict]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise IFNetError(f"device {name!r} requested but CUDA is not available")
+    return dev
+
+
+def study_labels(studies: list[Study], label_file: Optional[str]) -> dict[str, np.ndarray]:
+    """0/1 label vectors [14] for training: from ``label_file`` where given, else the offline labeler.
+
+    These are the text encoder's outputs for *training* reports; they never reach evaluation.
+    """
+    given = load_label_file(label_file) if label_file else {}
+    out = {s.id: np.asarray(given[s.id], dtype=np.float32) for s in studies if s.id in given}
+    missing = [s for s in studies if s.id not in out]
+    if missing:
+        from ifnet.labeler import label_reports
+
+        codes = label_reports([s.report for s in missing])
+        for s, row in zip(missing, to_binary(codes)):
+            out[s.id] = row.astype(np.float32)
+    return out
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].astype(np.int64),
+             "numpy_pos": int(np.random.get_state()[2]), "python": repr(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.stack(torch.cuda.get_rng_state_all())
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    import ast
+
+    torch.set_rng_state(state["torch"].to(torch.uint8))
+    np.random.set_state(("MT19937", state["numpy"].astype(np.uint32), int(state["numpy_pos"]), 0, 0.0))
+    random.setstate(ast.literal_eval(state["python"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"].to(torch.uint8)))
+
+
+class Trainer:
+    def __init__(self, config: TrainConfig, out_dir: Path, *, resume: bool = False) -> None:
+        self.cfg = config
+        self.out = Path(out_dir)
+        self.dist = dist_utils.init_from_env()
+        self.is_main = self.dist.rank == 0
+        self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
+        seed_everything(config.seed, self.dist.rank, deterministic=config.deterministic)
+        self.resume = resume
+        self._prepare_data()
+        self._build_model()
+
+    # -- set-up -----------------------------------------------------------------------------------
+    def _prepare_data(self) -> None:
+        d = self.cfg.data
+        if not d.annotation or not d.image_root:
+            raise IFNetError("data.annotation and data.image_root must be set (in the YAML or with --set)")
+        ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=("train", "val"),
+                              max_views=d.max_views)
+        self.train_studies, self.val_studies = ann.split("train"), ann.split("val")
+        if not self.train_studies or not self.val_studies:
+            raise IFNetError(f"{d.annotation}: need non-empty train and val splits for training and model selection")
+        vocab_path = self.out / "vocab.json"
+        if self.resume and vocab_path.exists():
+            self.tokenizer = Tokenizer.load(vocab_path)
+        else:
+            self.tokenizer = Tokenizer.build([s.report for s in self.train_studies], cleaner=d.cleaner,
+                                             threshold=d.vocab_threshold)
+        self.labels = study_labels(self.train_studies + self.val_studies, d.labels)
+        self.val_refs = {s.id: s.report for s in self.val_studies[: d.val_limit or None]}
+        from ifnet.metrics.scoring import reference_labels
+
+        # Reference labels of the validation reports, computed once (CE each epoch compares against them).
+        self.val_ref_codes = reference_labels(self.val_refs, cleaner=d.cleaner) if self.val_refs else None
+
+    def _build_model(self) -> None:
+        mcfg = replace(self.cfg.model, vocab_size=len(self.tokenizer), max_views=self.cfg.data.max_views)
+        self.cfg = replace(self.cfg, model=mcfg)
+        self.model = IFNet(mcfg).to(self.device)
+        self.feature_cache = None
+        if self.cfg.cache_features:
+            if not mcfg.freeze_extractor:
+                raise IFNetError("cache_features needs model.freeze_extractor=true (a trained CNN changes its features)")
+            from ifnet.train.feature_cache import FeatureCache
+
+            self.feature_cache = FeatureCache.build(self.model, self.train_studies + self.val_studies,
+                                                    self.cfg.data, self.device)
+        visual = [p for n, p in self.model.named_parameters() if n.startswith("extractor.") and p.requires_grad]
+        rest = [p for n, p in self.model.named_parameters() if not n.startswith("extractor.") and p.requires_grad]
+        o = self.cfg.optim
+        groups = [{"params": rest, "lr": o.lr_rest}]
+        if visual:
+            groups.insert(0, {"params": visual, "lr": o.lr_visual})
+        self.optimizer = torch.optim.Adam(groups, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
+        self.ddp_model: nn.Module = dist_utils.wrap(self.model, self.dist)
+        self.use_amp = bool(o.amp and self.device.type == "cuda")
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _training_state(self, epoch: int, step: int, best: float, best_epoch: int, bad_epochs: int) -> dict:
+        return {"epoch": epoch, "step": step, "best_score": best, "best_epoch": best_epoch,
+                "epochs_without_improvement": bad_epochs, "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": _rng_state(), "config": to_dict(self.cfg)}
+
+    def _save(self, name: str, state: dict, metrics: dict) -> None:
+        if not self.is_main:
+            return
+        save_checkpoint(self.out / name, self.model, self.cfg.model, self.tokenizer, training_state=state,
+                        metadata={"epoch": state["epoch"], "val_metrics": metrics, "train_config": to_dict(self.cfg),
+                                  "provenance": self.provenance})
+
+    def _restore(self) -> dict:
+        ckpt = self.out / LAST
+        model, tokenizer, _, _ = load_checkpoint(ckpt, map_location=self.device)
+        if tokenizer.tokens != self.tokenizer.tokens:
+            raise IFNetError(f"{ckpt}: its vocabulary differs from this run's; cannot resume")
+        self.model.load_state_dict(model.state_dict())
+        state = load_training_state(ckpt)
+        if state is None:
+            raise IFNetError(f"{ckpt}: has no training state to resume from")
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        _set_rng_state(state["rng"])
+        return state
+
+    # -- loop -------------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self.provenance = run_provenance(cfg.seed)
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            self.tokenizer.save(self.out / "vocab.json")
+            atomic_write_json(self.out / "config.json", to_dict(cfg))
+            atomic_write_json(self.out / "provenance.json", self.provenance)
+        log = MetricsLog(self.out / "metrics.csv", self.out / "tensorboard" if self.is_main else None) \
+            if self.is_main else None
+        start_epoch, step, best, best_epoch, bad_epochs = 1, 0, -math.inf, 0, 0
+        if self.resume:
+            state = self._restore()
+            start_epoch = int(state["epoch"]) + 1
+            step, best = int(state["step"]), float(state["best_score"])
+            best_epoch, bad_epochs = int(state["best_epoch"]), int(state["epochs_without_improvement"])
+            if log is not None:
+                log.load(upto_epoch=start_epoch - 1)
+        train_ds = make_dataset(self.train_studies, cfg.data, self.tokenizer, self.labels, train=True,
+                                feature_cache=self.feature_cache)
+        loader = build_loader(train_ds, cfg.data, train=True, seed=cfg.seed, dist=self.dist)
+        epoch = start_epoch - 1
+        for epoch in range(start_epoch, cfg.optim.epochs + 1):
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(epoch)
+            t0 = time.time()
+            train_stats, step = self._train_epoch(loader, epoch, step)
+            self.scheduler.step()
+            row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
+                   "lr": self.optimizer.param_groups[-1]["lr"], "epoch_seconds": time.time() - t0}
+            metrics: dict = {}
+            if self.is_main:
+                metrics = self.validate()
+                row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
+            score = dist_utils.broadcast_float(float(metrics.get(cfg.eval.monitor, -math.inf)), self.dist)
+            improved = score > best
+            if improved:
+                best, best_epoch, bad_epochs = score, epoch, 0
+            else:
+                bad_epochs += 1
+            state = self._training_state(epoch, step, best, best_epoch, bad_epochs)
+            if improved:
+                self._save(BEST, state, metrics)
+            self._save(LAST, state, metrics)
+            if log is not None:
+                log.log(row)
+                plot_curves(log.rows, self.out / "curves.png", title=f"{self.out.name}: training curves")
+                print(f"epoch {epoch}: loss {train_stats['loss']:.4f}  val {cfg.eval.monitor} {score:.4f}"
+                      f"{'  (best)' if improved else ''}", flush=True)
+            if bad_epochs >= cfg.eval.patience:
+                if self.is_main:
+                    print(f"early stop: no validation improvement for {bad_epochs} epochs", flush=True)
+                break
+            dist_utils.barrier(self.dist)
+        if log is not None:
+            log.close()
+        history = log.rows if log is not None else []
+        if self.is_main:
+            atomic_write_json(self.out / "result.json", {"best_epoch": best_epoch, f"best_val_{cfg.eval.monitor}": best,
+                                                         "epochs_run": epoch})
+        return TrainResult(self.out, best_epoch, best, epoch, history)
+
+    def _batch_inputs(self, batch: dict) -> dict:
+        dev = self.device
+        out = {"view_mask": batch["view_mask"].to(dev), "tokens": batch["tokens"].to(dev),
+               "labels": batch["labels"].to(dev)}
+        if "features" in batch:
+            out["features"] = batch["features"].to(dev).float()
+        else:
+            out["images"] = batch["images"].to(dev)
+        return out
+
+    def _train_epoch(self, loader: DataLoader, epoch: int, step: int) -> tuple[dict, int]:
+        from tqdm import tqdm
+
+        o = self.cfg.optim
+        self.ddp_model.train()
+        if self.cfg.model.freeze_extractor:
+            self.model.extractor.eval()
+        totals = {"loss": 0.0, "report_loss": 0.0, "label_loss": 0.0}
+        n, bad_streak, skipped = 0, 0, 0
+        bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.is_main or None)
+        for batch in bar:
+            x = self._batch_inputs(batch)
+            with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
+                out = self.ddp_model(x.get("images"), x["view_mask"], x["tokens"], x["labels"],
+                                     features=x.get("features"), label_forcing=o.label_forcing)
+                losses = compute_losses(out, x["tokens"], x["labels"], label_loss_weight=o.label_loss_weight)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss = losses["total"]
+            ok = bool(torch.isfinite(loss))
+            if ok:
+                self.scaler.scale(loss).backward()
+                self.scaler.unscale_(self.optimizer)
+                grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), o.grad_clip)
+                ok = bool(torch.isfinite(grad_norm)) or self.use_amp  # the AMP scaler skips inf steps itself
+            ok = dist_utils.all_true(ok, self.dist)
+            if not ok:
+                bad_streak += 1
+                skipped += 1
+                self.optimizer.zero_grad(set_to_none=True)
+                if self.is_main:
+                    print(f"warning: epoch {epoch} step {step}: non-finite loss or gradient; step skipped", flush=True)
+                if bad_streak >= o.max_bad_steps:
+                    raise TrainingDiverged(f"{bad_streak} consecutive non-finite steps; stopped. The last good "
+                                           f"checkpoint is kept in {self.out / LAST}")
+                continue
+            bad_streak = 0
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            step += 1
+            n += 1
+            totals["loss"] += float(loss.detach())
+            totals["report_loss"] += float(losses["caption"].detach())
+            totals["label_loss"] += float(losses["labels"].detach())
+            bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
+        stats = {k: v / max(n, 1) for k, v in totals.items()}
+        stats["skipped_steps"] = float(skipped)
+        return stats, step
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """Validation loss, label AUC, and decoded-report scores on the validation split (rank 0 only)."""
+        from ifnet.evaluation import decode_studies
+        from ifnet.metrics.scoring import compute_scores
+
+        cfg = self.cfg
+        studies = [s for s in self.val_studies if s.id in self.val_refs]
+        ds = make_dataset(studies, cfg.data, self.tokenizer, self.labels, train=False,
+                          feature_cache=self.feature_cache)
+        preds = decode_studies(self.model, ds, self.tokenizer, cfg.data, device=self.device,
+                               beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len, with_loss=True)
+        hyps = {p["id"]: p["generated"] for p in preds}
+        metrics_list = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "CE") if cfg.eval.meteor else \
+            ("BLEU", "ROUGE_L", "CIDEr", "CE")
+        scores = compute_scores(self.val_refs, hyps, cleaner=cfg.data.cleaner, metrics=metrics_list,
+                                uncertain=cfg.eval.uncertain, ref_labels=self.val_ref_codes)
+        probs = np.stack([p["probabilities"] for p in preds])
+        truth = np.stack([self.labels[p["id"]] for p in preds])
+        scores["label_auc"] = mean_auc(truth, probs)
+        scores["loss"] = float(np.mean([p["loss"] for p in preds]))
+        return scores
+
+
+def mean_auc(truth: np.ndarray, probs: np.ndarray) -> float:
+    """Mean ROC AUC over the observations that have both classes in ``truth`` [N, 14] (NaN if none)."""
+    aucs = []
+    for j in range(truth.shape[1]):
+        y, p = truth[:, j], probs[:, j]
+        pos, neg = p[y > 0.5], p[y <= 0.5]
+        if len(pos) and len(neg):
+            # Mann-Whitney U statistic: probability a random positive outranks a random negative.
+            greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+            aucs.append(greater / (len(pos) * len(neg)))
+    return float(np.mean(aucs)) if aucs else math.nan
