@@ -135,8 +135,12 @@ class ImageTransform:
         return self._enhancer(img)
 
     def __call__(self, img: np.ndarray, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        return self.to_tensor(self.enhance(img), generator)
+
+    def to_tensor(self, img: np.ndarray, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """The steps after IEC: [H, W] (already enhanced) -> [3, S, S] normalised (crop when training)."""
         size = self.config.image_size
-        x = to_unit_float(self.enhance(img))
+        x = to_unit_float(img)
         if self.random_crop:
             big = self.config.train_resize
             x = resize(x, big)

@@ -1,0 +1,205 @@
+"""Negation and uncertainty cues with scope, in the spirit of NegEx / ConText.
+
+A mention is judged only against cues in its own sentence, and only when no scope terminator
+("but", "however", "which", a semicolon, a new "there is" clause ...) lies between cue and mention.
+
+Cue kinds (checked in this order of precedence when they overlap):
+
+* pseudo   -- look like negations but are not ("no change in", "not only"); they disable any
+              negation cue they overlap, so "no interval change in the cardiomegaly" stays positive.
+* uncertainty cues that contain a negation word ("cannot exclude", "not ruled out") disable the
+  negation cue they overlap, so they read as uncertain and not negative.
+* pre-negation  -- before the mention: "no", "without", "negative for", "free of", ...
+* post-negation -- after the mention: "... is not seen", "... has resolved", ...
+* pre-/post-uncertainty -- "possible", "may represent", "cannot exclude", "... is suspected".
+
+Negation wins over uncertainty for one mention ("no findings to suggest pneumonia" is negative),
+as in the CheXpert labeler.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_left
+from dataclasses import dataclass
+from typing import List, Optional, Pattern, Sequence, Tuple
+
+#: Words allowed between a pre-cue and its mention (lists: "no pneumonia, effusion, edema ...").
+PRE_NEGATION_WINDOW = 14
+PRE_UNCERTAINTY_WINDOW = 10
+#: Post-cues reach back over a short list: "effusion and pneumothorax are not seen".
+POST_NEGATION_WINDOW = 7
+POST_UNCERTAINTY_WINDOW = 7
+
+_WORD = re.compile(r"[^\W_]+")
+
+
+def _alternation(patterns: Sequence[str], punctuation: str = "") -> Pattern[str]:
+    """Whole-word alternation; ``punctuation`` (a character class body) matches without boundaries."""
+    # Longest alternatives first so "no evidence of" wins over "no".
+    ordered = sorted(patterns, key=len, reverse=True)
+    words = r"(?<![\w-])(?:" + "|".join(ordered) + r")(?![\w-])"
+    return re.compile(words + (r"|[" + punctuation + r"]" if punctuation else ""))
+
+
+_BE = r"(?:is|are|was|were|has been|have been|had been|be|being)"
+_SEEN = (r"(?:seen|identified|present|visualized|visualised|demonstrated|appreciated|evident|noted|"
+         r"detected|observed|apparent|visible|shown|depicted)")
+
+PSEUDO_NEGATION = _alternation([
+    r"no (?:significant |substantial |appreciable |definite |radiographic |interval |major )*"
+    r"(?:change|changes|increase|decrease|progression|difference|enlargement of the known)",
+    r"not (?:significantly |substantially |markedly )?(?:changed|increased|decreased|progressed)",
+    r"without (?:significant |interval )?(?:change|changes|progression|increase)",
+    r"not only", r"no longer necessary", r"gram[- ]negative", r"not well (?:seen|visualized|evaluated|assessed)",
+    r"not (?:entirely |completely |fully )?(?:excluded|ruled out)",
+])
+
+PRE_NEGATION = _alternation([
+    r"no", r"not", r"without", r"absent", r"absence of", r"lack of", r"never", r"nor", r"neither",
+    r"negative for", r"free of", r"clear of", r"free from", r"ruled out",
+    r"no (?:radiographic |radiologic |definite |convincing |acute |suspicious )?(?:evidence|signs?|findings?)"
+    r" (?:of|for|to suggest|suggestive of|suggesting)",
+    r"resolution of", r"resolved", r"removal of", r"removed", r"interval removal of",
+    r"cleared", r"clearing of", r"no longer", r"not seen", r"fails? to (?:show|demonstrate|reveal)",
+    r"(?:did|does|do) not (?:show|demonstrate|reveal)", r"no visible", r"no visualized",
+    r"no demonstrable",
+])
+
+POST_NEGATION = _alternation([
+    _BE + r" (?:not|no longer) (?:(?:well|clearly|definitely|convincingly|readily) )?" + _SEEN,
+    r"not " + _SEEN, r"no longer " + _SEEN,
+    _BE + r" absent", r"absent", _BE + r" (?:resolved|removed|cleared|gone)", r"(?:has|have) (?:resolved|cleared)",
+    r"resolved", r"(?:is|are|was|were) negative", _BE + r" ruled out", r"(?:is|are|was|were) excluded",
+    r"(?:has|have) been (?:removed|withdrawn)",
+])
+
+PRE_UNCERTAINTY = _alternation([
+    r"possible", r"possibly", r"probable", r"probably", r"likely", r"most likely", r"presumed",
+    r"presumably", r"questionable", r"question of", r"questioned", r"question", r"suspected",
+    r"suspicious for", r"suspicious of", r"suspect", r"may", r"might", r"could", r"can not exclude",
+    r"cannot exclude", r"can't exclude", r"cannot be excluded", r"not (?:entirely |completely |fully )?excluded",
+    r"cannot rule out", r"can not rule out", r"cannot be ruled out", r"not (?:entirely |completely )?ruled out",
+    r"rule out", r"r/o", r"suggest", r"suggests", r"suggestive of", r"suggesting", r"suggested",
+    r"concerning for", r"concern for", r"worrisome for", r"differential(?: diagnosis)? (?:includes?|of)",
+    r"versus", r"vs", r"equivocal", r"indeterminate", r"uncertain", r"borderline", r"atypical",
+    r"raises? the (?:possibility|question) of", r"consider", r"considered", r"consideration of",
+    r"may represent", r"could represent", r"which may", r"or", r"and/or", r"either",
+    r"not definitely", r"not clearly",
+], punctuation="?")
+
+POST_UNCERTAINTY = _alternation([
+    r"(?:is|are|was|were) (?:not )?(?:entirely |completely )?(?:excluded|ruled out)",
+    r"cannot be (?:entirely |completely )?(?:excluded|ruled out)",
+    r"(?:is|are) (?:suspected|possible|questioned|likely|questionable|not excluded)",
+    r"versus", r"vs", r"or", r"and/or", r"(?:may|could|might) (?:be|represent)",
+], punctuation="?")
+
+# Scope ends at adversative conjunctions, relative clauses and a fresh "there is" clause, so
+# "no effusion but there is atelectasis" does not negate the atelectasis.
+TERMINATORS = _alternation([
+    r"but", r"however", r"although", r"though", r"yet", r"except", r"aside from", r"apart from",
+    r"other than", r"besides", r"whereas", r"while", r"which", r"nevertheless", r"still",
+    r"with the exception of", r"there (?:is|are|has been|have been|was|were)",
+    r"(?:is|are) (?:again )?(?:seen|noted|present|identified)",
+], punctuation=";:")
+
+
+@dataclass(frozen=True)
+class Cue:
+    """One cue occurrence in a lowercased sentence: ``kind`` is e.g. ``"pre-negation"``."""
+
+    kind: str
+    text: str
+    start: int
+    end: int
+
+
+def _spans(pattern: Pattern[str], sentence: str, kind: str) -> List[Cue]:
+    return [Cue(kind, m.group(0), m.start(), m.end()) for m in pattern.finditer(sentence)]
+
+
+def _overlaps(a: Cue, b: Cue) -> bool:
+    return a.start < b.end and b.start < a.end
+
+
+@dataclass(frozen=True)
+class SentenceContext:
+    """All cues and terminators of one lowercased sentence, found once and reused per mention."""
+
+    pre_negation: Tuple[Cue, ...]
+    post_negation: Tuple[Cue, ...]
+    pre_uncertainty: Tuple[Cue, ...]
+    post_uncertainty: Tuple[Cue, ...]
+    terminators: Tuple[Tuple[int, int], ...]
+    word_starts: Tuple[int, ...]
+
+
+# Uncertainty cues that contain a negation word; they switch off the negation cue they overlap.
+_NEGATED_UNCERTAINTY = re.compile(r"\b(?:not|cannot|can't|can not|no)\b")
+
+
+def analyse_sentence(sentence: str) -> SentenceContext:
+    """Find every cue in ``sentence`` (already lowercased) and resolve their overlaps."""
+    pseudo = _spans(PSEUDO_NEGATION, sentence, "pseudo-negation")
+    pre_unc = _spans(PRE_UNCERTAINTY, sentence, "pre-uncertainty")
+    post_unc = _spans(POST_UNCERTAINTY, sentence, "post-uncertainty")
+    blockers = pseudo + [c for c in pre_unc + post_unc if _NEGATED_UNCERTAINTY.search(c.text)]
+
+    def keep(cues: List[Cue]) -> Tuple[Cue, ...]:
+        return tuple(c for c in cues if not any(_overlaps(c, b) for b in blockers))
+
+    pre_neg = keep(_spans(PRE_NEGATION, sentence, "pre-negation"))
+    post_neg = keep(_spans(POST_NEGATION, sentence, "post-negation"))
+    # Uncertainty cues are all kept ("not excluded" reads as uncertain); a pseudo-negation such as
+    # "no change" is a cue of neither kind.
+    terms = tuple((m.start(), m.end()) for m in TERMINATORS.finditer(sentence))
+    words = tuple(m.start() for m in _WORD.finditer(sentence))
+    return SentenceContext(pre_neg, post_neg, tuple(pre_unc), tuple(post_unc), terms, words)
+
+
+
+def _words_between(ctx: SentenceContext, start: int, end: int) -> int:
+    return bisect_left(ctx.word_starts, end) - bisect_left(ctx.word_starts, start)
+
+
+def _terminated(ctx: SentenceContext, start: int, end: int) -> bool:
+    return any(start <= t0 and t1 <= end for t0, t1 in ctx.terminators)
+
+
+def _pre_cue(cues: Sequence[Cue], ctx: SentenceContext, start: int, window: int) -> Optional[Cue]:
+    """The closest cue that ends before ``start`` and reaches it."""
+    best: Optional[Cue] = None
+    for cue in cues:
+        if cue.end > start:
+            continue
+        if _words_between(ctx, cue.end, start) > window or _terminated(ctx, cue.end, start):
+            continue
+        if best is None or cue.end > best.end:
+            best = cue
+    return best
+
+
+def _post_cue(cues: Sequence[Cue], ctx: SentenceContext, end: int, window: int) -> Optional[Cue]:
+    """The closest cue that starts after ``end`` and reaches back to it."""
+    best: Optional[Cue] = None
+    for cue in cues:
+        if cue.start < end:
+            continue
+        if _words_between(ctx, end, cue.start) > window or _terminated(ctx, end, cue.start):
+            continue
+        if best is None or cue.start < best.start:
+            best = cue
+    return best
+
+
+def negation_cue(ctx: SentenceContext, start: int, end: int) -> Optional[Cue]:
+    """The negation cue whose scope covers the mention at ``[start, end)``, if any."""
+    return (_pre_cue(ctx.pre_negation, ctx, start, PRE_NEGATION_WINDOW)
+            or _post_cue(ctx.post_negation, ctx, end, POST_NEGATION_WINDOW))
+
+
+def uncertainty_cue(ctx: SentenceContext, start: int, end: int) -> Optional[Cue]:
+    """The uncertainty cue whose scope covers the mention at ``[start, end)``, if any."""
+    return (_pre_cue(ctx.pre_uncertainty, ctx, start, PRE_UNCERTAINTY_WINDOW)
+            or _post_cue(ctx.post_uncertainty, ctx, end, POST_UNCERTAINTY_WINDOW))
