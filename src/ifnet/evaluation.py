@@ -14,11 +14,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from ifnet.data.tokenizer import BOS_ID, EOS_ID, Tokenizer
-from ifnet.decoding.search import beam_search, greedy_decode
+from ifnet.data.tokenizer import Tokenizer
 from ifnet.errors import IFNetError
 from ifnet.labels import OBSERVATIONS
-from ifnet.models.ifnet import IFNet, IFNetDecoder
+from ifnet.models.ifnet import IFNet
 
 
 @torch.no_grad()
@@ -41,11 +40,7 @@ def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: An
             images = batch["images"].to(device) if "images" in batch else None
             features = batch["features"].to(device).float() if "features" in batch else None
             enc = model.encode(images, view_mask, None, features=features)  # None: predicted labels
-            adapter = IFNetDecoder(model)
-            if beam_size == 1:
-                tokens = greedy_decode(adapter, enc, bos_id=BOS_ID, eos_id=EOS_ID, max_len=max_len)
-            else:
-                tokens = beam_search(adapter, enc, beam_size=beam_size, bos_id=BOS_ID, eos_id=EOS_ID, max_len=max_len)
+            tokens = model.decode(enc, beam_size=beam_size, max_len=max_len)
             probs = torch.sigmoid(enc.label_logits).float().cpu().numpy()
             losses = None
             if with_loss:

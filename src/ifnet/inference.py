@@ -16,7 +16,6 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ifnet.data.tokenizer import BOS_ID, EOS_ID
 from ifnet.errors import IFNetError
 from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS
 
@@ -75,9 +74,6 @@ class Predictor:
     def predict(self, views: Sequence[np.ndarray], *, findings: Optional[np.ndarray] = None,
                 heatmap: bool = False) -> Prediction:
         """``views``: frontal first, then lateral (optional), each [H, W] uint8/uint16."""
-        from ifnet.decoding.search import beam_search, greedy_decode
-        from ifnet.models.ifnet import IFNetDecoder
-
         if not views:
             raise IFNetError("at least one view (the frontal image) is needed")
         views = list(views)[: self.config.max_views]
@@ -98,12 +94,7 @@ class Predictor:
         enc = self.model.encode(None, view_mask, condition, features=features)
         t["memory_encoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        adapter = IFNetDecoder(self.model)
-        if self.beam_size == 1:
-            tokens = greedy_decode(adapter, enc, bos_id=BOS_ID, eos_id=EOS_ID, max_len=self.max_len)
-        else:
-            tokens = beam_search(adapter, enc, beam_size=self.beam_size, bos_id=BOS_ID, eos_id=EOS_ID,
-                                 max_len=self.max_len)
+        tokens = self.model.decode(enc, beam_size=self.beam_size, max_len=self.max_len)
         t["decode"] = time.perf_counter() - t0
         probs = torch.sigmoid(enc.label_logits[0]).float().cpu().numpy()
         pred = Prediction(

@@ -363,6 +363,14 @@ class IFNet(nn.Module):
         ``decoding_options``: the other :class:`ifnet.decoding.DecodingConfig` fields (``length_penalty``,
         ``block_trigrams``, ``trigram_penalty``); a misspelt one is an error.
         """
+        with _eval_mode(self):
+            enc = self.encode(images, view_mask, condition, features=features)
+            return self.decode(enc, beam_size=beam_size, max_len=max_len, **decoding_options)
+
+    @torch.no_grad()
+    def decode(self, enc: EncoderOutput, *, beam_size: int = 3, max_len: int = 60, **decoding_options: Any) -> Tensor:
+        """Report token ids ``[B, L]`` from an :class:`EncoderOutput` (one decoding path for generate,
+        evaluation and serving: beam search, or greedy when ``beam_size=1``)."""
         from ifnet.decoding.search import DecodingConfig
         from ifnet.decoding.search import generate as search
 
@@ -370,7 +378,6 @@ class IFNet(nn.Module):
         if max_len > self.config.max_positions:
             raise IFNetError(f"max_len={max_len} exceeds the model's max_positions={self.config.max_positions}")
         with _eval_mode(self):
-            enc = self.encode(images, view_mask, condition, features=features)
             return search(IFNetDecoder(self), enc, decoding, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
 
     def generate_for_batch(self, batch: Mapping[str, Any], **kwargs: Any) -> Tensor:

@@ -40,12 +40,13 @@ def init_from_env() -> DistInfo:
     return DistInfo(True, rank, world, local_rank, device)
 
 
-def wrap(model: nn.Module, info: DistInfo) -> nn.Module:
+def wrap(model: nn.Module, info: DistInfo, *, find_unused_parameters: bool = False) -> nn.Module:
+    """DDP around ``model``; ``find_unused_parameters`` when some trainable weights get no gradient in
+    a step (e.g. the CNN when training on cached features)."""
     if not info.enabled:
         return model
     ids = [info.local_rank] if info.device.type == "cuda" else None
-    # Some parameters (e.g. a frozen extractor's) get no gradient; DDP must not wait for them.
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused_parameters)
 
 
 def barrier(info: DistInfo) -> None:
@@ -60,6 +61,16 @@ def broadcast_float(value: float, info: DistInfo, src: int = 0) -> float:
     t = torch.tensor([value], dtype=torch.float64, device=info.device)
     dist.broadcast(t, src)
     return float(t.item())
+
+
+def gather_floats(value: float, info: DistInfo) -> list[float]:
+    """``value`` from every rank, in rank order (a single-element list without DDP)."""
+    if not info.enabled:
+        return [value]
+    t = torch.tensor([value], dtype=torch.float64, device=info.device)
+    out = [torch.zeros_like(t) for _ in range(info.world_size)]
+    dist.all_gather(out, t)
+    return [float(x.item()) for x in out]
 
 
 def all_true(flag: bool, info: DistInfo) -> bool:

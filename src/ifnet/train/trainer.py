@@ -148,7 +148,8 @@ class Trainer:
             groups.insert(0, {"params": visual, "lr": o.lr_visual})
         self.optimizer = torch.optim.Adam(groups, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
-        self.ddp_model: nn.Module = dist_utils.wrap(self.model, self.dist)
+        self.ddp_model: nn.Module = dist_utils.wrap(self.model, self.dist,
+                                                    find_unused_parameters=self.feature_cache is not None)
         self.use_amp = bool(o.amp and self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
 
@@ -205,8 +206,11 @@ class Trainer:
         loader = build_loader(train_ds, cfg.data, train=True, seed=cfg.seed, dist=self.dist)
         epoch = start_epoch - 1
         for epoch in range(start_epoch, cfg.optim.epochs + 1):
+            # Shuffling and augmentation are a function of (seed, epoch) alone, so a resumed run
+            # sees exactly the batches the uninterrupted run would have seen.
             if hasattr(loader.sampler, "set_epoch"):
                 loader.sampler.set_epoch(epoch)
+            loader.generator.manual_seed(cfg.seed * 100_003 + epoch)
             t0 = time.time()
             train_stats, step = self._train_epoch(loader, epoch, step)
             self.scheduler.step()
@@ -239,9 +243,11 @@ class Trainer:
         if log is not None:
             log.close()
         history = log.rows if log is not None else []
+        checksums = dist_utils.gather_floats(weights_checksum(self.model), self.dist)
         if self.is_main:
-            atomic_write_json(self.out / "result.json", {"best_epoch": best_epoch, f"best_val_{cfg.eval.monitor}": best,
-                                                         "epochs_run": epoch})
+            result = {"best_epoch": best_epoch, f"best_val_{cfg.eval.monitor}": best, "epochs_run": epoch,
+                      "world_size": self.dist.world_size, "weights_checksum_per_rank": checksums}
+            atomic_write_json(self.out / "result.json", result)
         return TrainResult(self.out, best_epoch, best, epoch, history)
 
     def _batch_inputs(self, batch: dict) -> dict:
@@ -324,6 +330,14 @@ class Trainer:
         scores["label_auc"] = mean_auc(truth, probs)
         scores["loss"] = float(np.mean([p["loss"] for p in preds]))
         return scores
+
+
+def weights_checksum(model: nn.Module) -> float:
+    """A float64 fingerprint of all parameters (equal on every DDP rank when replicas agree)."""
+    total = 0.0
+    for i, p in enumerate(model.parameters()):
+        total += float(p.detach().double().abs().sum()) * (1 + 1e-3 * (i % 97))
+    return total
 
 
 def mean_auc(truth: np.ndarray, probs: np.ndarray) -> float:

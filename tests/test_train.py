@@ -1,0 +1,117 @@
+"""Training end to end on a tiny phantom dataset: outputs, exact resume, no test-split access, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ifnet.cli import main as cli_main
+from ifnet.config import resolve
+from ifnet.demo.dataset import DemoSplit, write_demo_dataset
+from ifnet.train.config import TrainConfig
+from ifnet.train.trainer import Trainer
+
+TINY = [
+    "model.extractor=resnet18", "model.num_memory_slots=16", "model.memory_top_k=4", "model.memory_heads=2",
+    "model.transformer={d_model: 32, num_heads: 2, num_encoder_layers: 1, num_decoder_layers: 1, d_ff: 64}",
+    "data.image_size=64", "data.num_workers=0", "data.batch_size=8", "data.iec=clahe",
+    "optim.epochs=2", "eval.beam_size=1", "eval.max_len=20", "eval.meteor=false", "deterministic=true",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> dict:
+    return write_demo_dataset(tmp_path_factory.mktemp("phantoms"), DemoSplit(16, 4, 4), seed=3)
+
+
+def tiny_config(data: dict, *extra: str) -> TrainConfig:
+    return resolve(TrainConfig, None, TINY + [f"data.annotation={data['annotation']}",
+                                              f"data.image_root={data['image_root']}", *extra])
+
+
+def test_training_writes_checkpoints_logs_and_provenance(tiny_data, tmp_path):
+    out = tmp_path / "run"
+    result = Trainer(tiny_config(tiny_data), out).fit()
+    assert result.epochs_run == 2 and result.best_epoch in (1, 2)
+    for name in ("best", "last"):
+        assert (out / name / "model.safetensors").is_file() and (out / name / "meta.json").is_file()
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 3 and "val_BLEU_4" in rows[0] and "val_CE_F1_macro" in rows[0]
+    assert (out / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((out / "tensorboard").iterdir())
+    resolved = json.loads((out / "config.json").read_text())
+    assert resolved["model"]["vocab_size"] > 4 and resolved["optim"]["epochs"] == 2
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["seed"] == 9223 and prov["versions"]["torch"] == torch.__version__.split("+")[0] or \
+        prov["versions"]["torch"].startswith(torch.__version__.split("+")[0])
+    first_loss = float(rows[1].split(",")[1])
+    assert first_loss > 0
+
+
+def test_resume_continues_exactly(tiny_data, tmp_path):
+    straight = tmp_path / "straight"
+    Trainer(tiny_config(tiny_data), straight).fit()
+    split = tmp_path / "split"
+    Trainer(tiny_config(tiny_data, "optim.epochs=1"), split).fit()
+    Trainer(tiny_config(tiny_data), split, resume=True).fit()
+    a = load_file(str(straight / "last" / "model.safetensors"))
+    b = load_file(str(split / "last" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # the epoch log holds each epoch once, as in the uninterrupted run
+    assert (split / "metrics.csv").read_text().count("\n") == 3
+
+
+def test_test_split_is_never_read_during_training(tiny_data, tmp_path):
+    # Corrupt every test image: training must not notice, because it never opens the test split.
+    data = tmp_path / "data"
+    shutil.copytree(Path(tiny_data["root"]), data)
+    ann = json.loads((data / "annotation.json").read_text())
+    for entry in ann["test"]:
+        for rel in entry["image_path"]:
+            (data / "images" / rel).write_bytes(b"not an image")
+    cfg = resolve(TrainConfig, None, TINY + [f"data.annotation={data / 'annotation.json'}",
+                                             f"data.image_root={data / 'images'}", "optim.epochs=1"])
+    assert Trainer(cfg, tmp_path / "run").fit().epochs_run == 1
+
+
+def test_cli_refuses_to_clobber_a_run(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--out", str(out)] + [a for s in TINY + ["optim.epochs=1",
+            f"data.annotation={tiny_data['annotation']}", f"data.image_root={tiny_data['image_root']}"]
+            for a in ("--set", s)]
+    assert cli_main(args) == 0
+    assert cli_main(args) == 1
+    assert "already holds a run" in capsys.readouterr().err
+    assert cli_main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+
+
+def test_misspelled_config_key_is_an_error(tiny_data, tmp_path, capsys):
+    assert cli_main(["train", "--out", str(tmp_path / "r"), "--set", "optim.epoch=3"]) == 1
+    assert "unknown key(s) optim.epoch" in capsys.readouterr().err
+
+
+def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data, tmp_path):
+    out = tmp_path / "ddp"
+    sets = [a for s in TINY + ["optim.epochs=1", "data.batch_size=4", f"data.annotation={tiny_data['annotation']}",
+                               f"data.image_root={tiny_data['image_root']}"] for a in ("--set", s)]
+    env = {**os.environ, "IFNET_DDP_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "ifnet", "train", "--out", str(out), *sets]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((out / "result.json").read_text())
+    assert result["world_size"] == 2
+    sums = result["weights_checksum_per_rank"]
+    assert len(sums) == 2 and sums[0] == sums[1]
+    # the weights actually moved away from initialisation (several optimiser steps ran on each rank)
+    assert (out / "last" / "model.safetensors").is_file()
