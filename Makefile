@@ -5,7 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.ifnet-installed
 
-.PHONY: setup demo test test-fast bench-enhance bench-attention bench-quality bench-latency clean
+.PHONY: setup demo test bench-enhance bench-attention bench-labeler bench-quality bench-latency bench-load bench-fuzz clean
 
 setup: $(STAMP)
 
@@ -30,6 +30,21 @@ bench-enhance: setup
 
 bench-attention: setup
 	$(PY) benchmarks/bench_attention.py
+
+bench-labeler: setup
+	$(PY) benchmarks/bench_labeler.py
+
+bench-quality: setup
+	$(PY) benchmarks/bench_quality.py
+
+bench-latency: setup
+	$(PY) benchmarks/bench_latency.py
+
+bench-load: setup
+	$(PY) benchmarks/bench_load.py
+
+bench-fuzz: setup
+	$(PY) benchmarks/bench_fuzz.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache demo-out
