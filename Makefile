@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml constraints.txt
 	@command -v java >/dev/null 2>&1 || { echo "java not found: installing default-jre-headless (for METEOR)"; \
 	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq default-jre-headless >/dev/null; }
+	@test -x /usr/bin/chromium || { echo "chromium not found: installing Debian's chromium (browser tests of ifnet serve)"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 	@touch $(STAMP)
 
 demo: setup
