@@ -115,7 +115,8 @@ def _draw_frontal(labels, sides, rng, size):
         img[arc & body] += 0.12
     spine = np.abs(xx - 0.5) < 0.045
     img[spine & body] = 0.62
-    heart_scale = 1.35 if has["Cardiomegaly"] else 1.0 + 0.06 * rng.random()
+    normal_scale = 1.0 + 0.06 * rng.random()  # drawn always, so a finding never shifts later draws
+    heart_scale = 1.35 if has["Cardiomegaly"] else normal_scale
     heart = _ellipse(yy, xx, 0.66, 0.54, 0.13, 0.12 * heart_scale)
     img[heart] = 0.6
     med_w = 0.085 if has["Enlarged Cardiomediastinum"] else 0.055
@@ -225,9 +226,12 @@ def make_study(study_id: str, *, seed: int = 0, size: int = 256,
     sides = {n: ("right" if rng_side.random() < 0.5 else "left") for n in _POSITIVE}
     if rng_side.random() < 0.3:
         sides["Pleural Effusion"] = "bilateral"
-    rng_img = _rng(seed, study_id, "image")
-    low_quality = bool(rng_img.random() < 0.3)
-    frontal = _finish(_draw_frontal(lab, sides, rng_img, size), rng_img, size, low_quality)
-    lateral = _finish(_draw_lateral(lab, rng_img, size), rng_img, size, low_quality)
+    # Separate streams for anatomy, findings' placement and noise: changing a label changes only
+    # the finding, never the nuisance, so the difference between two renders shows what a label adds.
+    low_quality = bool(_rng(seed, study_id, "quality").random() < 0.3)
+    frontal = _finish(_draw_frontal(lab, sides, _rng(seed, study_id, "frontal"), size),
+                      _rng(seed, study_id, "noise-frontal"), size, low_quality)
+    lateral = _finish(_draw_lateral(lab, _rng(seed, study_id, "lateral"), size),
+                      _rng(seed, study_id, "noise-lateral"), size, low_quality)
     report = write_report(lab, sides, _rng(seed, study_id, "report"))
     return PhantomStudy(study_id, frontal, lateral, report, lab, low_quality)
