@@ -27,3 +27,12 @@ def iu_annotation_path(shared_dir: Path) -> Path:
 def iu_synth_images(shared_dir: Path) -> Path:
     """Synthetic stand-in images for the 590 IU-Xray test studies (R2Gen layout <id>/0.png, 1.png)."""
     return shared_dir / "data" / "iu_xray_synth" / "images"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """One epoch of a tiny IFNet on phantoms (~20 s), trained once per session and shared
+    (same folder as the serve tests use, so the suite trains it once)."""
+    from ifnet.serve.tiny_checkpoint import train_tiny_checkpoint
+
+    return train_tiny_checkpoint(tmp_path_factory.getbasetemp() / "serve-tiny-checkpoint")

@@ -1,0 +1,95 @@
+"""`ifnet evaluate`, `ifnet generate` and `ifnet reproduce` end to end with a tiny trained checkpoint."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ifnet.cli import main as cli_main
+from ifnet.labels import OBSERVATIONS
+
+
+def _data_of(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent / "data"
+
+
+def test_evaluate_writes_predictions_metrics_and_page(tiny_checkpoint, tmp_path):
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-meteor"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    for key in ("BLEU_1", "BLEU_4", "ROUGE_L", "CIDEr", "CE_F1_macro", "CE_F1_macro_5"):
+        assert isinstance(metrics[key], float)
+    assert metrics["split"] == "test" and metrics["num_studies"] == 4
+    preds = json.loads((out / "predictions.json").read_text())
+    assert len(preds) == 4 and set(preds[0]["predicted_findings"]) == set(OBSERVATIONS)
+    assert all(p["reference"] for p in preds)
+    page = (out / "index.html").read_text()
+    assert page.count("class='study'") == 4 and "data:image/png;base64," in page
+    # outputs are not overwritten without --overwrite
+    assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-meteor"]) == 1
+
+
+def test_evaluation_output_ignores_reference_reports(tiny_checkpoint, tmp_path):
+    """Same images, different reference reports -> identical generated reports and findings."""
+    data = _data_of(tiny_checkpoint)
+    ann = json.loads((data / "annotation.json").read_text())
+    for entry in ann["test"]:
+        entry["report"] = "There is a large left pneumothorax. Cardiomegaly. Pacemaker in place."
+    altered = tmp_path / "altered.json"
+    altered.write_text(json.dumps(ann))
+    outs = []
+    for name, annotation in (("a", data / "annotation.json"), ("b", altered)):
+        out = tmp_path / name
+        assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--annotation", str(annotation),
+                         "--image-root", str(data / "images"), "--out", str(out), "--no-meteor"]) == 0
+        outs.append(json.loads((out / "predictions.json").read_text()))
+    a, b = outs
+    assert [p["generated"] for p in a] == [p["generated"] for p in b]
+    assert [p["predicted_findings"] for p in a] == [p["predicted_findings"] for p in b]
+    assert [p["reference"] for p in a] != [p["reference"] for p in b]
+
+
+def test_generate_text_json_heatmap_and_supplied_findings(tiny_checkpoint, tmp_path, capsys):
+    images = _data_of(tiny_checkpoint) / "images" / "PHTE0000"
+    heat = tmp_path / "heat.png"
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), str(images / "1.png"),
+                     "--json", "--heatmap", str(heat)]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert isinstance(doc["report"], str) and set(doc["findings"]) == set(OBSERVATIONS)
+    assert doc["conditioned_on"] == "predicted" and doc["timings_ms"]["total"] > 0
+    assert heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # a radiologist's findings replace the predicted condition
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), "--json",
+                     "--findings", "cardiomegaly, Pleural Effusion"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["conditioned_on"] == "supplied"
+    assert doc["condition"]["Cardiomegaly"] == 1.0 and doc["condition"]["Pleural Effusion"] == 1.0
+    assert doc["condition"]["Edema"] == 0.0
+    # the heatmap is not overwritten without --overwrite; unknown findings and bad images are one-line errors
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), "--heatmap", str(heat)]) == 1
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), "--findings", "gout"]) == 1
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 20)
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(bad)]) == 1
+    err = capsys.readouterr().err
+    assert "already exists" in err and "unknown observation 'gout'" in err and str(bad) in err
+
+
+def test_reproduce_reports_mean_and_std_over_seeds(tiny_checkpoint, tmp_path):
+    from ifnet.serve.tiny_checkpoint import TINY_OVERRIDES
+
+    data = _data_of(tiny_checkpoint)
+    sets = [a for s in (*TINY_OVERRIDES, f"data.annotation={data / 'annotation.json'}",
+                        f"data.image_root={data / 'images'}") for a in ("--set", s)]
+    out = tmp_path / "repro"
+    assert cli_main(["reproduce", "--seeds", "2", "--no-meteor", "--out", str(out), *sets]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(summary["seeds"]) == 2 and len(summary["per_seed"]) == 2
+    bleu = [m["BLEU_4"] for m in summary["per_seed"].values()]
+    mean = sum(bleu) / 2
+    assert summary["metrics"]["BLEU_4"]["mean"] == pytest.approx(mean)
+    assert summary["metrics"]["BLEU_4"]["std"] == pytest.approx(abs(bleu[0] - bleu[1]) / 2 ** 0.5)
+    assert "| BLEU_4 |" in (out / "summary.md").read_text()
