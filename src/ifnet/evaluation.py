@@ -83,7 +83,7 @@ def _training_data_config(meta: dict, checkpoint: Path) -> Any:
 def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", annotation: Optional[Path] = None,
                         image_root: Optional[Path] = None, beam_size: Optional[int] = None,
                         max_len: Optional[int] = None, limit: Optional[int] = None, meteor: bool = True,
-                        examples: int = 24, device: str = "auto") -> dict:
+                        examples: int = 24, device: str = "auto", notes: tuple[str, ...] = ()) -> dict:
     """Decode ``split`` with ``checkpoint``; write predictions.json, metrics.json and index.html to ``out``."""
     from dataclasses import replace
 
@@ -138,5 +138,6 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     write_page(out / "index.html", f"IFNet evaluation: {split} split ({len(preds)} studies)", page_examples,
                metrics={k: v for k, v in metrics.items()},
                curves_png=Path(checkpoint).parent / "curves.png",
-               notes=[f"checkpoint {checkpoint}; beam {beam}; CE uncertain -> {metrics.get('CE_uncertain', 'positive')}"])
+               notes=[*notes, f"checkpoint {checkpoint}; beam {beam}; "
+                                  f"CE uncertain -> {metrics.get('CE_uncertain', 'positive')}"])
     return {"metrics": metrics, "predictions": rows}

@@ -82,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     result = Trainer(cfg, run_dir).fit()
 
     print(f"[4/4] evaluating the best checkpoint (epoch {result.best_epoch}, chosen on validation) on the test split")
-    ev = evaluate_checkpoint(run_dir / "best", out / "eval", split="test", examples=24)
+    ev = evaluate_checkpoint(run_dir / "best", out / "eval", split="test", examples=24, notes=(
+        "Procedural phantom images made by `ifnet demo`: this page checks the pipeline; its numbers are "
+        "not results on X-rays.",))
     metrics = {k: v for k, v in ev["metrics"].items()}
     summary = {**metrics, "labeler_micro_F1_13_vs_phantom_truth": round(labeler_f1, 4),
                "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
