@@ -40,7 +40,7 @@ _POSITIVE = {
     "Edema": ["there is pulmonary edema ."],
     "Pneumothorax": ["there is a {side} pneumothorax ."],
     "Fracture": ["there is a {side} rib fracture ."],
-    "Support Devices": ["a pacemaker is present .", "a central venous catheter is in place ."],
+    "Support Devices": ["a {side} is present ."],
 }
 _NORMAL_HEART = "the heart size is normal ."
 _NORMAL_MEDIASTINUM = "the mediastinum is normal ."
@@ -151,16 +151,20 @@ def _draw_frontal(labels, sides, rng, size):
         edge = ptx ^ _blur(ptx.astype(float), 1).astype(bool)
         img[edge] = 0.35
     if has["Support Devices"]:
-        box = (np.abs(yy - 0.2) < 0.03) & (np.abs(xx - 0.78) < 0.05)
-        img[box] = 0.98
+        pacemaker = sides["Support Devices"] == "pacemaker"
+        if pacemaker:  # generator box in the left chest wall, lead to the heart
+            box = (np.abs(yy - 0.2) < 0.03) & (np.abs(xx - 0.78) < 0.05)
+            img[box] = 0.98
         t = np.linspace(0, 1, 200)
-        for py, px in zip(0.2 + 0.45 * t, 0.78 - 0.26 * t):
+        # pacemaker lead from the box; central line from the right neck down the SVC
+        path = zip(0.2 + 0.45 * t, 0.78 - 0.26 * t) if pacemaker else zip(0.05 + 0.45 * t, 0.40 + 0.06 * t)
+        for py, px in path:
             iy, ix = int(py * size), int(px * size)
             img[max(iy - 1, 0):iy + 1, max(ix - 1, 0):ix + 1] = 0.95
     return img
 
 
-def _draw_lateral(labels, rng, size):
+def _draw_lateral(labels, sides, rng, size):
     has = {n: bool(labels[OBSERVATIONS.index(n)]) for n in OBSERVATIONS}
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float64) / size
     img = np.full((size, size), 0.15)
@@ -178,7 +182,7 @@ def _draw_lateral(labels, rng, size):
         img += 0.18 * np.exp(-(((yy - 0.6) ** 2 + (xx - 0.55) ** 2) / 0.006)) * lung
     if has["Edema"]:
         img += 0.12 * np.exp(-(((yy - 0.5) ** 2 + (xx - 0.5) ** 2) / 0.02)) * lung
-    if has["Support Devices"]:
+    if has["Support Devices"] and sides["Support Devices"] == "pacemaker":
         img[(np.abs(yy - 0.2) < 0.03) & (np.abs(xx - 0.3) < 0.04)] = 0.98
     return img
 
@@ -224,6 +228,8 @@ def make_study(study_id: str, *, seed: int = 0, size: int = 256,
     lab = np.asarray(labels, dtype=np.int64) if labels is not None else sample_labels(rng_labels)
     rng_side = _rng(seed, study_id, "sides")
     sides = {n: ("right" if rng_side.random() < 0.5 else "left") for n in _POSITIVE}
+    # for devices the "side" is the device type, drawn and reported consistently
+    sides["Support Devices"] = "pacemaker" if sides["Support Devices"] == "right" else "central venous catheter"
     if rng_side.random() < 0.3:
         sides["Pleural Effusion"] = "bilateral"
     # Separate streams for anatomy, findings' placement and noise: changing a label changes only
@@ -231,7 +237,7 @@ def make_study(study_id: str, *, seed: int = 0, size: int = 256,
     low_quality = bool(_rng(seed, study_id, "quality").random() < 0.3)
     frontal = _finish(_draw_frontal(lab, sides, _rng(seed, study_id, "frontal"), size),
                       _rng(seed, study_id, "noise-frontal"), size, low_quality)
-    lateral = _finish(_draw_lateral(lab, _rng(seed, study_id, "lateral"), size),
+    lateral = _finish(_draw_lateral(lab, sides, _rng(seed, study_id, "lateral"), size),
                       _rng(seed, study_id, "noise-lateral"), size, low_quality)
     report = write_report(lab, sides, _rng(seed, study_id, "report"))
     return PhantomStudy(study_id, frontal, lateral, report, lab, low_quality)
