@@ -82,11 +82,19 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
     return value
 
 
+def _printable(key: Any) -> str:
+    """A key as text for an error message: YAML keys may be numbers, and a newline must not split the line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(key))
+
+
 def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<config>", prefix: str = "") -> T:
     """Build dataclass ``cls`` from ``data``, rejecting unknown keys and wrong types."""
+    if not isinstance(data, Mapping):  # e.g. a config.json holding a list: a clear error, not AttributeError
+        raise DataError(source, f"expected a mapping of settings, got {type(data).__name__}",
+                        field=prefix.rstrip(".") or None)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(_printable(k) for k in data if k not in fields)
     if unknown:
         raise DataError(source, f"unknown key(s) {', '.join(prefix + k for k in unknown)}; "
                                 f"valid: {', '.join(prefix + k for k in fields)}", field=prefix + unknown[0])
@@ -151,6 +159,10 @@ def load_yaml(path: str | Path) -> dict:
         text = p.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise DataError(p, "config file not found") from None
+    except IsADirectoryError:
+        raise DataError(p, "is a directory, expected a YAML config file") from None
+    except UnicodeDecodeError as e:  # e.g. a binary file given by mistake: one line, no traceback
+        raise DataError(p, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
         data = yaml.safe_load(text)  # safe_load: a config file never constructs Python objects
     except yaml.YAMLError as e:

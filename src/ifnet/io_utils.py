@@ -3,7 +3,8 @@
 Every file the toolkit writes for a user (annotations, labels, enhanced images, predictions,
 checkpoints) goes through ``atomic_write``: write a temporary file in the same directory,
 fsync, then ``os.replace``. On any error the temporary file is removed and the target is
-untouched.
+untouched; an OSError (disk full, permission denied) becomes a one-line :class:`WriteError` naming
+the target.
 """
 
 from __future__ import annotations
@@ -24,6 +25,22 @@ class OutputExistsError(IFNetError):
     """Refusing to overwrite a user's file without being asked to."""
 
 
+class WriteError(IFNetError, OSError):
+    """Writing an output failed (disk full, permission denied...): one line naming the file.
+
+    Also an OSError (same errno/strerror), so code that handles I/O errors keeps working.
+    """
+
+    def __init__(self, path: PathLike, cause: OSError) -> None:
+        OSError.__init__(self, cause.errno, cause.strerror or str(cause) or type(cause).__name__, str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename}: cannot write: {self.strerror}; the previous file, if any, is unchanged"
+
+    def __reduce__(self) -> tuple:  # picklable across worker processes despite the custom __init__
+        return (type(self), (self.filename, OSError(self.errno, self.strerror)))
+
+
 def check_writable_target(path: PathLike, overwrite: bool) -> Path:
     """Raise a clear error if ``path`` exists and ``overwrite`` is False."""
     p = Path(path)
@@ -41,8 +58,11 @@ def atomic_write(path: PathLike, mode: str = "w", *, encoding: str | None = "utf
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError as e:
+        raise WriteError(target, e) from None
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
@@ -50,9 +70,11 @@ def atomic_write(path: PathLike, mode: str = "w", *, encoding: str | None = "utf
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, WriteError):
+            raise WriteError(target, e) from None
         raise
 
 
@@ -88,3 +110,5 @@ def read_json(path: PathLike) -> Any:
         raise DataError(p, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except json.JSONDecodeError as e:
         raise DataError(p, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+    except RecursionError:  # [[[[...]]]] thousands deep: not a file we wrote, and no crash either
+        raise DataError(p, "JSON nested too deeply") from None

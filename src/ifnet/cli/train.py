@@ -21,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ifnet.config import resolve
+    from ifnet.models.checkpoint import interrupted_save
     from ifnet.train import distributed
     from ifnet.train.config import TrainConfig
     from ifnet.train.trainer import LAST, Trainer
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve(TrainConfig, args.config, args.overrides)
     out: Path = args.out
     has_run = (out / LAST).exists() or (out / "config.json").exists()
-    if args.resume and not (out / LAST).exists():
+    if args.resume and not (out / LAST).exists() and not interrupted_save(out / LAST):
         raise UsageError(f"--resume: {out / LAST} not found (nothing to resume)")
     if has_run and not args.resume and not args.overwrite:
         raise IFNetError(f"{out}: already holds a run; use --resume to continue it or --overwrite to start afresh")

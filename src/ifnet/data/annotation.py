@@ -83,7 +83,9 @@ def _unsafe_path_reason(rel: str) -> Optional[str]:
     The check is lexical (no symlink resolution): linking an image folder into place is a normal
     way to lay out a dataset, but an annotation must not name files outside that folder.
     """
-    if PurePosixPath(rel).is_absolute() or PureWindowsPath(rel).is_absolute() or PureWindowsPath(rel).drive:
+    # A leading backslash is rooted on Windows (a\b.png is relative, \b.png means C:\b.png), like '/'.
+    if (PurePosixPath(rel.replace("\\", "/")).is_absolute() or PureWindowsPath(rel).is_absolute()
+            or PureWindowsPath(rel).drive):
         return "absolute path; image paths must be relative to the image folder"
     norm = posixpath.normpath(rel.replace("\\", "/"))
     if norm == ".." or norm.startswith("../"):

@@ -157,7 +157,12 @@ def _read_dicom(fh: BinaryIO, name: str, *, pixels: bool) -> "DicomDataset":
     from pydicom.errors import InvalidDicomError
 
     try:
-        return pydicom.dcmread(fh, stop_before_pixels=not pixels)
+        ds = pydicom.dcmread(fh, stop_before_pixels=not pixels)
+        # pydicom decodes each element on first access: do it here, so that a damaged element (an
+        # unknown VR in Rows, say) is reported as a corrupt file rather than raised later, anywhere.
+        for _ in ds.iterall():
+            pass
+        return ds
     except InvalidDicomError as e:
         raise ImageError(name, f"not a valid DICOM file: {e}") from None
     except Exception as e:  # pydicom signals a damaged file with many exception types
@@ -168,11 +173,16 @@ def _dicom_size(ds: "DicomDataset", name: str) -> tuple[int, int]:
     rows, cols = ds.get("Rows"), ds.get("Columns")
     if rows is None or cols is None:
         raise ImageError(name, "DICOM has no Rows/Columns (no image in this file)")
-    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        width, height = int(cols), int(rows)
+    except (TypeError, ValueError):  # an empty, multi-valued or garbled element
+        raise ImageError(name, f"corrupt DICOM header: Rows {str(rows)[:20]!r}, Columns {str(cols)[:20]!r} "
+                               f"or NumberOfFrames {str(ds.get('NumberOfFrames'))[:20]!r} is not one integer") from None
     if frames > 1:
         # A radiograph is one frame; a cine or tomosynthesis stack is not an input we understand.
         raise ImageError(name, f"multi-frame DICOM ({frames} frames); expected a single radiograph")
-    return int(cols), int(rows)
+    return width, height
 
 
 def _probe(opener: Opener, name: str) -> tuple[str, int, int, bool]:
@@ -344,7 +354,10 @@ def _decode_dicom(opener: Opener, name: str) -> np.ndarray:
                                "Compressed DICOM may need pylibjpeg or gdcm installed") from None
 
     if photometric in ("MONOCHROME1", "MONOCHROME2"):
-        values = apply_modality_lut(arr, ds)
+        try:
+            values = apply_modality_lut(arr, ds)
+        except (TypeError, ValueError) as e:  # e.g. a RescaleIntercept that is not a number
+            raise ImageError(name, f"invalid DICOM rescale slope/intercept: {_first_line(e)}") from None
         applied = "none"
         voi_seq = ds.get("VOILUTSequence")
         if voi_seq and "LUTDescriptor" in voi_seq[0] and "LUTData" in voi_seq[0]:
@@ -354,8 +367,8 @@ def _decode_dicom(opener: Opener, name: str) -> np.ndarray:
         try:
             values = apply_voi_lut(values, ds, index=0, prefer_lut=True)
             lo, hi = _voi_output_range(ds, values, applied)
-        except (ValueError, NotImplementedError, AttributeError, IndexError) as e:
-            raise ImageError(name, f"invalid DICOM VOI LUT / window settings: {e}") from None
+        except (ValueError, TypeError, NotImplementedError, AttributeError, IndexError) as e:
+            raise ImageError(name, f"invalid DICOM VOI LUT / window settings: {_first_line(e)}") from None
         values = values.astype(np.float64)
         scaled = (values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)
         out = np.clip(np.rint(scaled * 65535), 0, 65535).astype(np.uint16)
@@ -367,12 +380,20 @@ def _decode_dicom(opener: Opener, name: str) -> np.ndarray:
 
     # Colour DICOM (secondary captures): pydicom already converted YBR to RGB.
     if photometric == "PALETTE COLOR":
-        arr = apply_color_lut(arr, ds)
+        try:
+            arr = apply_color_lut(arr, ds)
+        except (ValueError, TypeError, AttributeError, IndexError) as e:
+            raise ImageError(name, f"invalid DICOM palette: {_first_line(e)}") from None
     if arr.ndim != 3 or arr.shape[-1] != 3:
         raise ImageError(name, f"unsupported DICOM photometric interpretation {photometric!r}")
     maxval = 65535 if arr.dtype.itemsize > 1 else 255
     gray = _gray_from_color(arr, None, maxval, np.uint16)
     return gray if maxval == 65535 else gray * np.uint16(257)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def _read(opener: Opener, name: str, max_pixels: int, max_side: int) -> np.ndarray:

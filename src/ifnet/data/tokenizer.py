@@ -124,7 +124,11 @@ class Tokenizer:
         if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
             raise DataError(source, "must be a list of strings", field="tokens")
         try:
-            return cls(tokens, cleaner=str(data.get("cleaner", "iu_xray")), threshold=int(data.get("threshold", 3)))
+            threshold = int(data.get("threshold", 3))
+        except (TypeError, ValueError):
+            raise DataError(source, f"must be an integer, got {data.get('threshold')!r}", field="threshold") from None
+        try:
+            return cls(tokens, cleaner=str(data.get("cleaner", "iu_xray")), threshold=threshold)
         except ValueError as e:
             raise DataError(source, str(e), field="tokens") from None
 

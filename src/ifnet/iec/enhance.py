@@ -143,7 +143,7 @@ def read_stored_info(path: Path) -> Optional[dict]:
                     fh.seek(4, os.SEEK_CUR)
                 else:
                     fh.seek(length + 4, os.SEEK_CUR)
-    except (OSError, ValueError):  # unreadable output or a damaged chunk: treat as not up to date
+    except (OSError, ValueError, RecursionError):  # unreadable output or a damaged chunk: not up to date
         return None
     return None
 

@@ -12,7 +12,8 @@ A checkpoint is a directory::
 Loading needs only the directory: the model is rebuilt from ``config.json`` (no ImageNet file needed,
 the weights come from the checkpoint), every file is checked against its sha256, and nothing is ever
 unpickled. Writing is atomic: files go to a temporary sibling directory that replaces the old checkpoint
-only once complete, so a crash leaves the previous checkpoint intact.
+only once complete, so a crash leaves the previous checkpoint intact (a kill between the two renames of
+that swap leaves it in a ``.NAME.*.old`` sibling, which :func:`recover_checkpoint` moves back).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,8 +40,8 @@ from ifnet.io_utils import PathLike, read_json
 from ifnet.models.ifnet import IFNet, IFNetConfig
 
 __all__ = [
-    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "save_checkpoint", "load_checkpoint",
-    "load_training_state", "read_meta",
+    "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "CheckpointError", "CheckpointWriteError", "save_checkpoint",
+    "load_checkpoint", "load_training_state", "read_meta", "recover_checkpoint", "interrupted_save",
 ]
 
 CHECKPOINT_FORMAT = "ifnet-checkpoint"
@@ -55,7 +57,11 @@ TRAIN_JSON_FILE = "training_state.json"
 
 
 class CheckpointError(IFNetError):
-    """A checkpoint that is missing, incomplete, corrupt, foreign or from a newer format."""
+    """A checkpoint that is missing, incomplete, corrupt, foreign, from a newer format, or cannot be written."""
+
+
+class CheckpointWriteError(CheckpointError, OSError):
+    """Saving failed (disk full, permission denied...); the previous checkpoint is intact. Also an OSError."""
 
 
 # -- saving ---------------------------------------------------------------------------------------
@@ -69,6 +75,7 @@ def save_checkpoint(path: PathLike, model: IFNet, config: IFNetConfig, tokenizer
     ``{"optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": 3, "rng": {...}}``);
     read it back with :func:`load_training_state`. ``metadata`` is free JSON stored in ``meta.json``.
     """
+    from safetensors import SafetensorError
     from safetensors.torch import save_file, save_model
 
     target = Path(path)
@@ -87,9 +94,11 @@ def save_checkpoint(path: PathLike, model: IFNet, config: IFNetConfig, tokenizer
         texts[TRAIN_JSON_FILE] = _json_text({"format": TRAINING_STATE_FORMAT, "version": 1, "state": encoded})
     user_meta = json.loads(_json_text(dict(metadata or {}), what="metadata"))
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    tmp: Optional[Path] = None
     try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_checkpoint(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
         save_model(model, str(tmp / WEIGHTS_FILE), metadata={"format": CHECKPOINT_FORMAT})
         for name, text in texts.items():
             (tmp / name).write_text(text, encoding="utf-8")
@@ -103,10 +112,56 @@ def save_checkpoint(path: PathLike, model: IFNet, config: IFNetConfig, tokenizer
             _fsync(p)
         _fsync(tmp)
         _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (OSError, SafetensorError)):
+            # Disk full, permission denied...: one line, and the previous checkpoint is still in place.
+            reason = (e.strerror if isinstance(e, OSError) else None) or _first_line(e)
+            error = CheckpointWriteError(f"{target}: cannot write checkpoint ({reason}); the previous checkpoint, "
+                                         "if any, is unchanged")
+            error.errno = e.errno if isinstance(e, OSError) else None
+            raise error from None
         raise
     return target
+
+
+def _leftovers(target: Path) -> list[Path]:
+    """Temporary siblings of ``target`` that :func:`save_checkpoint` creates (``.NAME.xxxxxxxx.tmp/.old``)."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.[a-z0-9_]{{8}}\.(tmp|old)")
+    if not target.parent.is_dir():
+        return []
+    return [p for p in target.parent.iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+
+
+def interrupted_save(path: PathLike) -> bool:
+    """True if ``path`` is missing only because a save was killed mid-swap (:func:`recover_checkpoint` fixes it)."""
+    target = Path(path)
+    return not target.exists() and any(p.suffix == ".old" and (p / META_FILE).is_file() for p in _leftovers(target))
+
+
+def recover_checkpoint(path: PathLike) -> bool:
+    """Repair what a process killed inside :func:`save_checkpoint` left; True if ``path`` was restored.
+
+    Replacing a checkpoint takes two renames (old aside, new into place). A kill between them leaves no
+    ``path``, but the previous, complete checkpoint in a ``.NAME.*.old`` sibling: it is moved back.
+    Leftover temporary siblings (a save killed while writing) are removed. Call it only from a process
+    that owns the checkpoint (the trainer): it renames and deletes.
+    """
+    target = Path(path)
+    leftovers = _leftovers(target)
+    restored = False
+    if not target.exists():
+        olds = sorted((p for p in leftovers if p.suffix == ".old" and (p / META_FILE).is_file()),
+                      key=lambda p: (p / META_FILE).stat().st_mtime_ns)
+        if olds:
+            os.rename(olds[-1], target)
+            _fsync(target.parent)
+            leftovers.remove(olds[-1])
+            restored = True
+    for p in leftovers:
+        shutil.rmtree(p, ignore_errors=True)
+    return restored
 
 
 def _replace_dir(new: Path, target: Path) -> None:
@@ -176,7 +231,10 @@ def load_checkpoint(path: PathLike, *, map_location: str | torch.device = "cpu"
     if len(tokenizer) != config.vocab_size:
         raise CheckpointError(f"{root}: vocabulary has {len(tokenizer)} tokens but config.vocab_size is "
                               f"{config.vocab_size}")
-    model = IFNet(config, load_pretrained=False)
+    try:
+        model = IFNet(config, load_pretrained=False)
+    except (ValueError, TypeError, RuntimeError) as e:  # sizes torch refuses (a config.json edited by hand)
+        raise CheckpointError(f"{root / CONFIG_FILE}: cannot build the model it describes ({_first_line(e)})") from None
     try:
         missing, unexpected = load_model(model, str(root / WEIGHTS_FILE), strict=False, device=str(map_location))
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
@@ -191,6 +249,7 @@ def load_checkpoint(path: PathLike, *, map_location: str | torch.device = "cpu"
 
 def load_training_state(path: PathLike) -> Optional[dict]:
     """The ``training_state`` given to :func:`save_checkpoint` (tensors on CPU), or None if it had none."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     root = _checkpoint_dir(path)
@@ -200,8 +259,16 @@ def load_training_state(path: PathLike) -> Optional[dict]:
     doc = read_json(root / TRAIN_JSON_FILE)
     if not isinstance(doc, dict) or doc.get("format") != TRAINING_STATE_FORMAT or doc.get("version") != 1:
         raise CheckpointError(f"{root / TRAIN_JSON_FILE}: not an ifnet training state (version 1)")
-    tensors = load_file(str(root / TRAIN_TENSORS_FILE)) if TRAIN_TENSORS_FILE in meta["files"] else {}
-    return _decode(doc["state"], tensors)
+    try:
+        tensors = load_file(str(root / TRAIN_TENSORS_FILE)) if TRAIN_TENSORS_FILE in meta["files"] else {}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{root / TRAIN_TENSORS_FILE}: not a readable safetensors file ({_first_line(e)})"
+                              ) from None
+    try:
+        return _decode(doc["state"], tensors)
+    except (KeyError, TypeError, ValueError, AttributeError) as e:  # a tag without its tensor, a bad value...
+        raise CheckpointError(f"{root / TRAIN_JSON_FILE}: malformed training state "
+                              f"({type(e).__name__}: {_first_line(e)})") from None
 
 
 def _checkpoint_dir(path: PathLike) -> Path:
@@ -212,6 +279,10 @@ def _checkpoint_dir(path: PathLike) -> Path:
         raise CheckpointError(f"{p}: not an ifnet checkpoint directory (ifnet checkpoints are folders with "
                               f"{WEIGHTS_FILE} + {META_FILE}; pickled .pth/.pt files are never loaded)")
     if not p.is_dir():
+        if interrupted_save(p):
+            raise CheckpointError(f"{p}: checkpoint not found: a save was interrupted; its previous version "
+                                  f"is in a hidden '.{p.name}.*.old' folder beside it, which "
+                                  "`ifnet train --resume` restores")
         raise CheckpointError(f"{p}: checkpoint not found")
     return p
 
@@ -294,7 +365,9 @@ def _sha256(path: Path) -> str:
 
 def _fsync(path: Path) -> None:
     # Directories can be fsynced on POSIX only; elsewhere the rename is as durable as the OS makes it.
-    with contextlib.suppress(OSError):
+    # A file's fsync error is real (a full disk often shows only when the data are flushed): it propagates.
+    is_dir = path.is_dir()
+    with contextlib.suppress(*((OSError,) if is_dir else ())):
         fd = os.open(path, os.O_RDONLY)
         try:
             os.fsync(fd)

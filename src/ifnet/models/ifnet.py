@@ -72,6 +72,8 @@ class IFNetConfig:
                              f"{self.vocab_size}")
         if self.max_views < 1:
             raise IFNetError(f"IFNetConfig.max_views must be >= 1, got {self.max_views}")
+        if not 0 <= self.dropout < 1:
+            raise IFNetError(f"IFNetConfig.dropout must be in [0, 1), got {self.dropout}")
         if not 1 <= self.memory_top_k <= self.num_memory_slots:
             raise IFNetError(f"IFNetConfig.memory_top_k must be in 1..num_memory_slots "
                              f"({self.num_memory_slots}), got {self.memory_top_k}")

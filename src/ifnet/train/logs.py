@@ -33,7 +33,7 @@ class MetricsLog:
             return
         with open(self.csv_path, newline="", encoding="utf-8") as fh:
             for row in csv.DictReader(fh):
-                parsed = {k: float(v) if v not in ("", None) else math.nan for k, v in row.items()}
+                parsed = {k: _number(v) for k, v in row.items()}
                 if parsed.get("epoch", math.inf) <= upto_epoch:
                     self.rows.append(parsed)
 
@@ -61,6 +61,17 @@ class MetricsLog:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def _number(text: str | None) -> float:
+    """A CSV cell back as the number it was written from: ``1`` stays an int (so a resumed run rewrites
+    ``1``, not ``1.0``), an empty cell is NaN."""
+    if text in ("", None):
+        return math.nan
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
 
 
 def plot_curves(rows: list[Mapping[str, float]], out_png: Path, *, title: str = "training curves") -> None:

@@ -25,7 +25,7 @@ from ifnet.data.tokenizer import Tokenizer
 from ifnet.errors import IFNetError
 from ifnet.io_utils import atomic_write_json
 from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS, to_binary
-from ifnet.models.checkpoint import load_checkpoint, load_training_state, save_checkpoint
+from ifnet.models.checkpoint import load_checkpoint, load_training_state, recover_checkpoint, save_checkpoint
 from ifnet.models.ifnet import IFNet, compute_losses
 from ifnet.train import distributed as dist_utils
 from ifnet.train.config import TrainConfig
@@ -94,14 +94,21 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, out_dir: Path, *, resume: bool = False) -> None:
+    def __init__(self, config: TrainConfig, out_dir: Path, *, resume: bool = False,
+                 feature_cache: Any = None) -> None:
+        """``feature_cache``: precomputed backbone features (anything with ``get(study_id) -> (features
+        [V, C, h, w], view_mask [V])``, e.g. a :class:`~ifnet.train.feature_cache.FeatureCache`) for every
+        train and val study, used instead of building one when ``cache_features`` is on. A benchmark that
+        trains several models on the same frozen features computes them once this way."""
         self.cfg = config
+        self._given_feature_cache = feature_cache
         self.out = Path(out_dir)
         self.dist = dist_utils.init_from_env()
         self.is_main = self.dist.rank == 0
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
         seed_everything(config.seed, self.dist.rank, deterministic=config.deterministic)
         self.resume = resume
+        self._bad_streak = 0  # consecutive non-finite steps (see fit)
         self._prepare_data()
         self._build_model()
 
@@ -138,8 +145,13 @@ class Trainer:
                 raise IFNetError("cache_features needs model.freeze_extractor=true (a trained CNN changes its features)")
             from ifnet.train.feature_cache import FeatureCache
 
-            self.feature_cache = FeatureCache.build(self.model, self.train_studies + self.val_studies,
-                                                    self.cfg.data, self.device)
+            if self._given_feature_cache is not None:
+                self.feature_cache = self._given_feature_cache
+            else:
+                self.feature_cache = FeatureCache.build(self.model, self.train_studies + self.val_studies,
+                                                        self.cfg.data, self.device)
+        elif self._given_feature_cache is not None:
+            raise IFNetError("a feature_cache was given but cache_features is off")
         visual = [p for n, p in self.model.named_parameters() if n.startswith("extractor.") and p.requires_grad]
         rest = [p for n, p in self.model.named_parameters() if not n.startswith("extractor.") and p.requires_grad]
         o = self.cfg.optim
@@ -169,6 +181,10 @@ class Trainer:
 
     def _restore(self) -> dict:
         ckpt = self.out / LAST
+        if self.is_main:  # a run killed inside a checkpoint save may have left one aside, or a temporary folder
+            for name in (LAST, BEST):
+                recover_checkpoint(self.out / name)
+        dist_utils.barrier(self.dist)
         model, tokenizer, _, _ = load_checkpoint(ckpt, map_location=self.device)
         if tokenizer.tokens != self.tokenizer.tokens:
             raise IFNetError(f"{ckpt}: its vocabulary differs from this run's; cannot resume")
@@ -205,6 +221,9 @@ class Trainer:
                                 feature_cache=self.feature_cache)
         loader = build_loader(train_ds, cfg.data, train=True, seed=cfg.seed, dist=self.dist)
         epoch = start_epoch - 1
+        # Consecutive non-finite steps, counted across epoch boundaries: a run whose epochs are shorter
+        # than optim.max_bad_steps must still stop when every step fails.
+        self._bad_streak = 0
         for epoch in range(start_epoch, cfg.optim.epochs + 1):
             # Shuffling and augmentation are a function of (seed, epoch) alone, so a resumed run
             # sees exactly the batches the uninterrupted run would have seen.
@@ -227,11 +246,14 @@ class Trainer:
             else:
                 bad_epochs += 1
             state = self._training_state(epoch, step, best, best_epoch, bad_epochs)
+            if log is not None:
+                # Logged before the checkpoints: a kill between the two then redoes this epoch (its row is
+                # dropped on resume) instead of resuming after it with its row missing.
+                log.log(row)
             if improved:
                 self._save(BEST, state, metrics)
             self._save(LAST, state, metrics)
             if log is not None:
-                log.log(row)
                 plot_curves(log.rows, self.out / "curves.png", title=f"{self.out.name}: training curves")
                 print(f"epoch {epoch}: loss {train_stats['loss']:.4f}  val {cfg.eval.monitor} {score:.4f}"
                       f"{'  (best)' if improved else ''}", flush=True)
@@ -268,7 +290,7 @@ class Trainer:
         if self.cfg.model.freeze_extractor:
             self.model.extractor.eval()
         totals = {"loss": 0.0, "report_loss": 0.0, "label_loss": 0.0}
-        n, bad_streak, skipped = 0, 0, 0
+        n, skipped = 0, 0
         bar = tqdm(loader, desc=f"epoch {epoch}", leave=False, disable=not self.is_main or None)
         for batch in bar:
             x = self._batch_inputs(batch)
@@ -286,16 +308,16 @@ class Trainer:
                 ok = bool(torch.isfinite(grad_norm)) or self.use_amp  # the AMP scaler skips inf steps itself
             ok = dist_utils.all_true(ok, self.dist)
             if not ok:
-                bad_streak += 1
+                self._bad_streak += 1
                 skipped += 1
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.is_main:
                     print(f"warning: epoch {epoch} step {step}: non-finite loss or gradient; step skipped", flush=True)
-                if bad_streak >= o.max_bad_steps:
-                    raise TrainingDiverged(f"{bad_streak} consecutive non-finite steps; stopped. The last good "
+                if self._bad_streak >= o.max_bad_steps:
+                    raise TrainingDiverged(f"{self._bad_streak} consecutive non-finite steps; stopped. The last good "
                                            f"checkpoint is kept in {self.out / LAST}")
                 continue
-            bad_streak = 0
+            self._bad_streak = 0
             self.scaler.step(self.optimizer)
             self.scaler.update()
             step += 1
@@ -304,7 +326,8 @@ class Trainer:
             totals["report_loss"] += float(losses["caption"].detach())
             totals["label_loss"] += float(losses["labels"].detach())
             bar.set_postfix(loss=f"{float(loss.detach()):.3f}")
-        stats = {k: v / max(n, 1) for k, v in totals.items()}
+        # NaN, not 0, when every step was skipped: a zero loss would look like a perfect epoch.
+        stats = {k: v / n if n else math.nan for k, v in totals.items()}
         stats["skipped_steps"] = float(skipped)
         return stats, step
 
