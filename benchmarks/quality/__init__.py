@@ -1,0 +1,1 @@
+"""Helpers of benchmarks/bench_quality.py: data preparation, feature caches, systems, tables."""

@@ -1,0 +1,159 @@
+"""Tables of the quality benchmark: console summary and the generated part of docs/RESULTS.md."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+BEGIN, END = "<!-- bench-quality:begin -->", "<!-- bench-quality:end -->"
+NLG = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
+CE = ("CE_F1_macro", "CE_F1_micro_13", "CE_F1_micro")
+BOLD_LINE = "**These are synthetic-image results, not IU-Xray results.**"
+
+
+def _f(v: object) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "-"
+    return f"{v:.3f}" if isinstance(v, float) else str(v)
+
+
+def _row(cells: list) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
+
+
+def systems_table(result: dict) -> list[str]:
+    cols = [m for m in NLG + CE if any(m in s for s in result["systems"].values())]
+    lines = [_row(["system"] + cols + ["label mean AUC"]), _row(["---"] + ["---:"] * (len(cols) + 1))]
+    for name, s in result["systems"].items():
+        job = result.get("ifnet_jobs", {}).get(name, {})
+        auc = job.get("label_head_test", {}).get("mean_auc")
+        lines.append(_row([name] + [_f(s.get(m)) for m in cols] + [_f(auc)]))
+    probe = result["probe"][result["iec_for_ifnet"]]["test"]
+    probe_cells = {"CE_F1_macro": probe["F1_macro"], "CE_F1_micro_13": probe["F1_micro_13"]}
+    lines.append(_row([f"probe: labels directly (iec={result['iec_for_ifnet']})"]
+                      + [_f(probe_cells[m]) if m in probe_cells else "" for m in cols] + [_f(probe["mean_auc"])]))
+    return lines
+
+
+def goals_table(result: dict) -> list[str]:
+    lines = [_row(["goal", "measured", "target", "met"]), _row(["---", "---:", "---:", "---"])]
+    for name, g in result.get("goals", {}).items():
+        lines.append(_row([name, _f(g["value"]), _f(g["target"]), "yes" if g["met"] else "**no**"]))
+    return lines
+
+
+def iec_tables(parts: dict) -> list[str]:
+    """Probe per IEC variant (always in the run) and IFNet per IEC variant (main + ablations)."""
+    res = parts.get("all") or parts.get("main") or parts.get("ablations")
+    lines = ["Label probe (logistic regression on the pooled features; the 14 labels scored directly):", "",
+             _row(["IEC", "val mean AUC", "test macro-F1", "test micro-F1 (13)", "test mean AUC",
+                   "low-quality macro-F1", "low-quality micro-F1 (13)", "low-quality mean AUC",
+                   "normal macro-F1", "normal mean AUC"]),
+             _row(["---"] + ["---:"] * 9)]
+    for kind, p in res["probe"].items():
+        lq, nq = p["test_low_quality"], p["test_normal_quality"]
+        lines.append(_row([kind, _f(p["val"]["mean_auc"]), _f(p["test"]["F1_macro"]), _f(p["test"]["F1_micro_13"]),
+                           _f(p["test"]["mean_auc"]), _f(lq["F1_macro"]), _f(lq["F1_micro_13"]), _f(lq["mean_auc"]),
+                           _f(nq["F1_macro"]), _f(nq["mean_auc"])]))
+    rows = []
+    for part in ("all", "main", "ablations"):
+        r = parts.get(part)
+        if not r:
+            continue
+        for name, s in r["systems"].items():
+            if not name.startswith("IFNet") or "softmax" in name:
+                continue
+            kind = r["ifnet_jobs"][name]["iec"]
+            if any(k == kind for k, _ in rows):
+                continue
+            rows.append((kind, s))
+    if rows:
+        lines += ["", "IFNet (linear attention), generated reports:", "",
+                  _row(["IEC", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "CE macro-F1", "CE micro-F1 (13)",
+                        "low-quality BLEU_4", "low-quality CE macro-F1", "low-quality CE micro-F1 (13)",
+                        "normal CE micro-F1 (13)"]),
+                  _row(["---"] + ["---:"] * 10)]
+        order = {"none": 0, "clahe": 1, "adaptive": 2}
+        for kind, s in sorted(rows, key=lambda r: order[r[0]]):
+            lq, nq = s.get("low_quality", {}), s.get("normal_quality", {})
+            lines.append(_row([kind, _f(s["BLEU_4"]), _f(s.get("METEOR")), _f(s["ROUGE_L"]), _f(s["CIDEr"]),
+                               _f(s["CE_F1_macro"]), _f(s["CE_F1_micro_13"]), _f(lq.get("BLEU_4")),
+                               _f(lq.get("CE_F1_macro")), _f(lq.get("CE_F1_micro_13")), _f(nq.get("CE_F1_micro_13"))]))
+    return lines
+
+
+def attention_table(parts: dict) -> list[str]:
+    found = {}
+    for part in ("all", "main", "ablations"):
+        r = parts.get(part)
+        if not r:
+            continue
+        for name, s in r["systems"].items():
+            if name == "IFNet" or name == "IFNet softmax attention":
+                job = r["ifnet_jobs"][name]
+                found["softmax" if "softmax" in name else "linear"] = (s, job)
+    if len(found) < 1:
+        return []
+    lines = [_row(["attention", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "CE macro-F1", "CE micro-F1 (13)",
+                   "train s", "best epoch"]), _row(["---"] + ["---:"] * 8)]
+    for kind in ("linear", "softmax"):
+        if kind in found:
+            s, job = found[kind]
+            lines.append(_row([kind, _f(s["BLEU_4"]), _f(s.get("METEOR")), _f(s["ROUGE_L"]), _f(s["CIDEr"]),
+                               _f(s["CE_F1_macro"]), _f(s["CE_F1_micro_13"]), f"{job['seconds']['train']:.0f}",
+                               job["best_epoch"]]))
+    return lines
+
+
+def console_table(result: dict) -> str:
+    out = [BOLD_LINE, "", *systems_table(result)]
+    if result.get("goals"):
+        out += ["", *goals_table(result)]
+    return "\n".join(out)
+
+
+def generated_section(merged: dict) -> str:
+    parts = merged["parts"]
+    main = parts.get("all") or parts.get("main")
+    out = [BOLD_LINE, ""]
+    if main:
+        out += [f"Part `main`: measured {main['date']}, git `{main['git_revision']}`, wall time "
+                f"**{main['wall_seconds'] / 60:.1f} min** ({main['cpu_seconds'] / 60:.1f} CPU-min; "
+                f"{main['machine']['cpus']} CPUs, {main['machine']['jobs']} jobs, load average at the end "
+                f"{main['machine']['load_average_at_end'][0]:.1f}). IFNet uses IEC `{main['iec_for_ifnet']}` "
+                f"(best validation mean AUC of the probe). Config `{main['config']['file']}`"
+                + (f" with `--set {' '.join(main['config']['overrides'])}`" if main['config']['overrides'] else "")
+                + f" ({main['config']['resolved']['optim']['epochs']} epochs).", "",
+                "### Systems on the test split (590 studies)", "", *systems_table(main), "",
+                "### Goals", "", *goals_table(main), ""]
+        ifnet = main["ifnet_jobs"].get("IFNet")
+        if ifnet:
+            out += [f"IFNet: best epoch {ifnet['best_epoch']} of {ifnet['epochs_run']} (validation BLEU_4); memory "
+                    f"conditioned on **{ifnet['condition_mode']}** label predictions (chosen on validation CE "
+                    f"macro-F1: " + ", ".join(f"{m} {v['CE_F1_macro']:.3f} / BLEU_4 {v['BLEU_4']:.3f}"
+                                                for m, v in ifnet["val_condition_modes"].items()) + ")."]
+            diag = ifnet.get("val_oracle_condition_diagnostic")
+            if diag:
+                out += [f"Diagnostic on validation, never used for a choice: conditioned on the validation *reference* "
+                        f"labels, the decoder reaches CE macro-F1 {diag['CE_F1_macro']:.3f} with "
+                        f"{int(diag['distinct_reports'])} distinct reports; this bounds what better label "
+                        f"predictions could give this decoder."]
+            out += [""]
+    out += ["### IEC: none vs CLAHE vs adaptive, overall and on the low-quality subset", "", *iec_tables(parts), ""]
+    att = attention_table(parts)
+    if att:
+        out += ["### Linear vs softmax attention (same config otherwise)", "", *att, ""]
+    abl = parts.get("ablations")
+    if abl:
+        out += [f"Part `ablations`: measured {abl['date']}, wall time **{abl['wall_seconds'] / 60:.1f} min**.", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def update_results_md(path: Path, merged: dict) -> None:
+    section = generated_section(merged)
+    text = path.read_text(encoding="utf-8") if path.exists() else f"# Results\n\n{BEGIN}\n{END}\n"
+    if BEGIN not in text or END not in text:
+        text = text.rstrip() + f"\n\n{BEGIN}\n{END}\n"
+    text = re.sub(re.escape(BEGIN) + r".*?" + re.escape(END), lambda _: f"{BEGIN}\n{section}{END}", text, flags=re.S)
+    path.write_text(text, encoding="utf-8")

@@ -1,0 +1,194 @@
+"""Worker jobs of the quality benchmark: train one IFNet variant on cached features, then decode.
+
+Each job runs in its own spawned process with one torch thread (the benchmark runs one job per core:
+on two cores two single-threaded jobs beat one two-threaded job, and on a busy machine much more so).
+A job trains with :class:`ifnet.train.trainer.Trainer` (model selection on validation only), reloads
+the best checkpoint, and decodes:
+
+* validation, twice: memory conditioned on the label head's probabilities (the model's default) and on
+  those probabilities thresholded per label (thresholds chosen on validation, see
+  :func:`ifnet.baselines.choose_thresholds`). The mode with the higher validation CE macro-F1 is kept.
+* test, once, in the kept mode.
+
+A third validation decode, conditioned on the validation *reference* labels, is a diagnostic only (does
+the decoder say what its condition says?); it is recorded and never used for a choice.
+
+Only image features reach the model at test time; the reference reports are used for scoring in the
+parent process only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+
+@dataclass
+class JobSpec:
+    name: str  # run folder name and system key
+    config_path: str  # YAML of the CPU-budget config
+    overrides: list[str]  # --set style "key=value"
+    features_dir: str  # folder of feature shards (features.load_sets)
+    iec: str  # none | clahe | adaptive: which feature set trains and decodes
+    out_dir: str
+    blank: bool = False  # text-only floor: every study gets the features of a black image
+    test_ids: list[str] = field(default_factory=list)
+    annotation: str = ""
+    image_root: str = ""
+    threads: int = 1
+
+
+def init_worker(threads: int = 1) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _feature_source(spec: JobSpec, cfg: Any) -> Any:
+    import torch
+
+    from quality.features import FeatureSet, blank_features, load_sets
+    from ifnet.train.data import image_config
+
+    kinds = ("none",) if spec.iec == "none" or spec.blank else ("none", "clahe")
+    sets, _ = load_sets(Path(spec.features_dir), kinds)
+    source = sets[spec.iec if not spec.blank else "none"]
+    if spec.blank:
+        blank = blank_features(image_config(cfg.data), cfg.data.max_views, cfg.model.extractor)
+        return FeatureSet({sid: blank for sid in source.features}, source.masks)
+    del sets
+    return source
+
+
+def _decode(model: Any, tokenizer: Any, ids: list[str], source: Any, cfg: Any, condition: Optional[np.ndarray],
+            beam: int, max_len: int) -> tuple[dict[str, str], np.ndarray]:
+    """Reports and label probabilities for ``ids``; ``condition`` [N, 14] 0/1 or None (probabilities)."""
+    import torch
+
+    from ifnet.data.tokenizer import BOS_ID, EOS_ID
+    from ifnet.decoding.search import beam_search, greedy_decode
+    from ifnet.models.ifnet import IFNetDecoder
+
+    hyps: dict[str, str] = {}
+    probs = []
+    model.eval()
+    bs = 32
+    with torch.no_grad():
+        for start in range(0, len(ids), bs):
+            chunk = ids[start:start + bs]
+            feats = torch.stack([source.get(i)[0] for i in chunk]).float()
+            mask = torch.stack([source.get(i)[1] for i in chunk])
+            cond = None if condition is None else torch.tensor(condition[start:start + bs], dtype=torch.float32)
+            enc = model.encode(None, mask, cond, features=feats)
+            adapter = IFNetDecoder(model)
+            if beam == 1:
+                toks = greedy_decode(adapter, enc, bos_id=BOS_ID, eos_id=EOS_ID, max_len=max_len, block_trigrams=True)
+            else:
+                toks = beam_search(adapter, enc, beam_size=beam, bos_id=BOS_ID, eos_id=EOS_ID, max_len=max_len)
+            probs.append(torch.sigmoid(enc.label_logits).float().numpy())
+            for sid, row in zip(chunk, toks.tolist()):
+                hyps[sid] = tokenizer.decode(row)
+    return hyps, np.concatenate(probs)
+
+
+def train_and_decode(spec: JobSpec) -> dict:
+    """Train, select on validation, decode validation (two condition modes) and test (once)."""
+    t0 = time.time()
+    c0 = time.process_time()
+    init_worker(spec.threads)
+    from ifnet.baselines import apply_thresholds, choose_thresholds
+    from ifnet.config import resolve
+    from ifnet.labels import to_binary
+    from ifnet.metrics.scoring import compute_scores, reference_labels
+    from ifnet.models.checkpoint import load_checkpoint
+    from ifnet.train.config import TrainConfig
+    from ifnet.train.trainer import Trainer
+
+    overrides = list(spec.overrides) + [f"data.annotation={spec.annotation}", f"data.image_root={spec.image_root}",
+                                        f"data.iec={spec.iec}"]
+    cfg = resolve(TrainConfig, spec.config_path, overrides)
+    source = _feature_source(spec, cfg)
+    t_feat = time.time() - t0
+    trainer = Trainer(cfg, Path(spec.out_dir), feature_cache=source)
+    result = trainer.fit()
+    t_train = time.time() - t0 - t_feat
+
+    model, tokenizer, _, _ = load_checkpoint(Path(spec.out_dir) / "best", map_location="cpu")
+    cfg = trainer.cfg
+    val_ids = [s.id for s in trainer.val_studies]
+    train_labels = np.stack([trainer.labels[s.id] for s in trainer.train_studies])
+    val_refs = {s.id: s.report for s in trainer.val_studies}
+    val_codes = reference_labels(val_refs, cleaner=cfg.data.cleaner)
+    beam, max_len = cfg.eval.beam_size, cfg.eval.max_len
+
+    val_modes: dict[str, dict] = {}
+    hyps_prob, val_probs = _decode(model, tokenizer, val_ids, source, cfg, None, beam, max_len)
+    choice = choose_thresholds(to_binary(val_codes), val_probs, train_labels.mean(0))
+    hyps_thr, _ = _decode(model, tokenizer, val_ids, source, cfg, apply_thresholds(val_probs, choice.thresholds),
+                          beam, max_len)
+    for mode, hyps in (("probabilities", hyps_prob), ("thresholded", hyps_thr)):
+        val_modes[mode] = compute_scores(val_refs, hyps, cleaner=cfg.data.cleaner,
+                                         metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"), ref_labels=val_codes)
+    mode = max(val_modes, key=lambda m: (val_modes[m]["CE_F1_macro"], m == "probabilities"))
+    # Diagnostic only, never used for any choice: the validation *reference* labels as the condition. It
+    # measures whether the decoder verbalises its condition at all (an upper bound for this decoder).
+    hyps_oracle, _ = _decode(model, tokenizer, val_ids, source, cfg, to_binary(val_codes), beam, max_len)
+    oracle = compute_scores(val_refs, hyps_oracle, cleaner=cfg.data.cleaner, metrics=("BLEU", "CE"),
+                            ref_labels=val_codes)
+    oracle["distinct_reports"] = len(set(hyps_oracle.values()))
+    for m, h in (("probabilities", hyps_prob), ("thresholded", hyps_thr)):
+        val_modes[m]["distinct_reports"] = len(set(h.values()))
+
+    # Test: decoded once, in the mode chosen above. Only features go in.
+    test_probs = _label_probs(model, spec.test_ids, source)
+    cond = None if mode == "probabilities" else apply_thresholds(test_probs, choice.thresholds)
+    test_hyps, _ = _decode(model, tokenizer, spec.test_ids, source, cfg, cond, beam, max_len)
+    return {
+        "name": spec.name, "iec": spec.iec, "blank": spec.blank,
+        "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
+        f"best_val_{cfg.eval.monitor}": result.best_score,
+        "history": [{k: v for k, v in row.items() if isinstance(v, (int, float, str))} for row in result.history],
+        "val_condition_modes": {m: _floats(s) for m, s in val_modes.items()},
+        "condition_mode": mode,
+        "val_oracle_condition_diagnostic": _floats(oracle),
+        "thresholds": choice.as_dict(),
+        "test_hyps": test_hyps,
+        "test_label_probs": test_probs.tolist(),
+        "val_label_probs": val_probs.tolist(), "val_ids": val_ids,
+        "train_label_prevalence": train_labels.mean(0).tolist(),
+        "seconds": {"load_features": t_feat, "train": t_train, "decode": time.time() - t0 - t_feat - t_train,
+                    "total": time.time() - t0, "cpu": time.process_time() - c0},
+        "config": json.loads(json.dumps(_to_dict(cfg))),
+        "pid": os.getpid(),
+    }
+
+
+def _label_probs(model: Any, ids: list[str], source: Any) -> np.ndarray:
+    import torch
+
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(ids), 64):
+            chunk = ids[start:start + 64]
+            feats = torch.stack([source.get(i)[0] for i in chunk]).float()
+            mask = torch.stack([source.get(i)[1] for i in chunk])
+            vis = model.encode_features(feats, mask)
+            out.append(torch.sigmoid(model.predict_labels(vis)).numpy())
+    return np.concatenate(out)
+
+
+def _floats(scores: dict) -> dict:
+    return {k: float(v) for k, v in scores.items() if isinstance(v, (int, float))}
+
+
+def _to_dict(cfg: Any) -> dict:
+    from ifnet.config import to_dict
+
+    return to_dict(cfg)
