@@ -118,13 +118,17 @@ def generated_section(merged: dict) -> str:
     main = parts.get("all") or parts.get("main")
     out = [BOLD_LINE, ""]
     if main:
-        out += [f"Part `main`: measured {main['date']}, git `{main['git_revision']}`, wall time "
+        feats = main["data"]["features"]
+        out += [f"Part `{main['part']}`: measured {main['date']}, git `{main['git_revision']}`, wall time "
                 f"**{main['wall_seconds'] / 60:.1f} min** ({main['cpu_seconds'] / 60:.1f} CPU-min; "
                 f"{main['machine']['cpus']} CPUs, {main['machine']['jobs']} jobs, load average at the end "
                 f"{main['machine']['load_average_at_end'][0]:.1f}). IFNet uses IEC `{main['iec_for_ifnet']}` "
                 f"(best validation mean AUC of the probe). Config `{main['config']['file']}`"
                 + (f" with `--set {' '.join(main['config']['overrides'])}`" if main['config']['overrides'] else "")
-                + f" ({main['config']['resolved']['optim']['epochs']} epochs).", "",
+                + f" ({main['config']['resolved']['optim']['epochs']} epochs). Image features "
+                + ("were loaded from the cache of an earlier run (the wall time excludes computing them)."
+                   if feats.get("cached") else f"were computed in this run ({sum(feats['shard_seconds']):.0f} "
+                                                f"job-seconds)."), "",
                 "### Systems on the test split (590 studies)", "", *systems_table(main), "",
                 "### Goals", "", *goals_table(main), ""]
         ifnet = main["ifnet_jobs"].get("IFNet")
