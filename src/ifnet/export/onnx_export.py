@@ -37,6 +37,7 @@ from ifnet.data.tokenizer import BOS_ID
 from ifnet.errors import IFNetError
 from ifnet.io_utils import OutputExistsError, PathLike, atomic_write_json, read_json
 from ifnet.export.graphs import BackboneGraph, DecoderStepGraph, EncoderGraph, state_names
+from ifnet.models.checkpoint import replace_dir
 
 __all__ = ["EXPORT_FORMAT", "EXPORT_VERSION", "DEFAULT_OPSET", "GRAPHS", "ExportError", "export_checkpoint",
            "file_sha256"]
@@ -137,7 +138,7 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, *, int8: bool = False
                              for p in sorted(tmp.iterdir())}
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
         _umask_permissions(tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -281,23 +282,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise OutputExistsError(f"{target}: exists and is not an ifnet ONNX export; refusing to replace it")
-
-
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is kept aside until the move succeeded."""
-    old = None
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.rmdir(old)
-        os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        if old is not None:
-            os.rename(old, target)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _umask_permissions(folder: Path) -> None:

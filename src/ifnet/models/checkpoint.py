@@ -111,7 +111,7 @@ def save_checkpoint(path: PathLike, model: IFNet, config: IFNetConfig, tokenizer
         for p in tmp.iterdir():
             _fsync(p)
         _fsync(tmp)
-        _replace_dir(tmp, target)
+        replace_dir(tmp, target)
     except BaseException as e:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -164,8 +164,11 @@ def recover_checkpoint(path: PathLike) -> bool:
     return restored
 
 
-def _replace_dir(new: Path, target: Path) -> None:
-    """Move ``new`` to ``target``; an existing ``target`` is kept aside until the move succeeded."""
+def replace_dir(new: Path, target: Path) -> None:
+    """Move ``new`` to ``target``; an existing ``target`` is kept aside until the move succeeded.
+
+    Shared by checkpoints and ONNX exports (one swap mechanism, one recovery rule).
+    """
     old = None
     if target.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
