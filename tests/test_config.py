@@ -51,6 +51,16 @@ def test_int_field_rejects_float():
         resolve(Run, None, ["optim.epochs=2.5"])
 
 
+@pytest.mark.parametrize("text, value", [("2e-3", 2e-3), ("1E4", 1e4), ("-.5e1", -5.0), ("3", 3.0)])
+def test_float_field_takes_exponent_notation(tmp_path, text, value):
+    # YAML 1.1 parses "2e-3" (no dot) as a string; in --set and in a YAML file it is still a number.
+    assert resolve(Run, None, [f"optim.lr={text}"]).optim.lr == value
+    (tmp_path / "c.yaml").write_text(f"optim:\n  lr: {text}\n")
+    assert resolve(Run, tmp_path / "c.yaml", []).optim.lr == value
+    with pytest.raises(DataError, match=r"optim\.lr.*number"):
+        resolve(Run, None, ["optim.lr=2e"])
+
+
 def test_bad_override_syntax():
     with pytest.raises(UsageError, match="key=value"):
         parse_overrides(["optim.lr"])

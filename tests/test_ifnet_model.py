@@ -128,11 +128,60 @@ def test_incremental_decoding_equals_teacher_forcing(attention):
     assert torch.allclose(steps[valid], full[valid], atol=1e-5)
 
 
-def test_condition_none_means_predicted_probabilities(model):
+def test_condition_none_means_predicted_probabilities():
+    m = make_model(condition_mode="probabilities").eval()
     b = make_batch()
     with torch.no_grad():
-        enc = model.encode(b["images"], b["view_mask"])
+        enc = m.encode(b["images"], b["view_mask"])
     assert torch.equal(enc.condition, torch.sigmoid(enc.label_logits))
+
+
+def test_condition_none_thresholded_uses_the_installed_thresholds(model):
+    """Default mode: the label head's probabilities cut at per-label thresholds stored with the weights."""
+    b = make_batch()
+    with torch.no_grad():
+        probs = torch.sigmoid(model.encode(b["images"], b["view_mask"]).label_logits)
+        assert torch.equal(model.encode(b["images"], b["view_mask"]).condition, (probs >= 0.5).float())
+        cut = probs[0].clone()  # study 0 sits exactly on every threshold -> all its labels positive
+        try:
+            model.set_label_thresholds(cut)
+            enc = model.encode(b["images"], b["view_mask"])
+        finally:
+            model.set_label_thresholds(torch.full((14,), 0.5))
+    assert torch.equal(enc.condition, (probs >= cut).float())
+    assert torch.equal(enc.condition[0], torch.ones(14))
+    assert "label_thresholds" in model.state_dict()  # saved and loaded with the checkpoint
+
+
+def test_label_thresholds_are_checked(model):
+    with pytest.raises(IFNetError, match="14 finite"):
+        model.set_label_thresholds([0.5] * 13)
+    with pytest.raises(IFNetError, match="14 finite"):
+        model.set_label_thresholds([float("nan")] * 14)
+    with pytest.raises(IFNetError, match="condition_mode"):
+        tiny_config(condition_mode="soft").validate()
+
+
+def test_condition_reaches_every_word_directly(model):
+    """The condition embedding: changing only the label vector changes the next-word logits at every step,
+    even with the memory read switched off (so it is not only the memory's slot bias)."""
+    b = make_batch()
+    m = make_model(seed=3).eval()
+    with torch.no_grad():
+        m.memory.out.weight.zero_()
+        m.memory.out.bias.zero_()  # memory responses are now exactly zero
+        feats = m.extract_features(b["images"], b["view_mask"])
+        a = m(None, b["view_mask"], b["tokens"], torch.zeros(3, 14), features=feats).logits
+        c = m(None, b["view_mask"], b["tokens"], torch.ones(3, 14), features=feats).logits
+        assert (a - c).abs().amax(-1).min() > 1e-4  # every (study, position) moved
+        plain = make_model(seed=3, condition_embedding=False).eval()
+        plain.memory.out.weight.zero_()
+        plain.memory.out.bias.zero_()
+        a0 = plain(None, b["view_mask"], b["tokens"], torch.zeros(3, 14), features=feats).logits
+        c0 = plain(None, b["view_mask"], b["tokens"], torch.ones(3, 14), features=feats).logits
+    # Without the embedding (and with a silent memory) the decoder sees the condition only through the
+    # encoder's memory fusion of the visual tokens, which the silenced memory also removes.
+    assert torch.allclose(a0, c0)
 
 
 def test_condition_steers_the_memory(model):
@@ -148,7 +197,10 @@ def test_label_forcing_mixes_reference_and_predicted_labels(model):
     logits = torch.randn(2, 14)
     ref = torch.randint(0, 2, (2, 14)).float()
     mixed = model.resolve_condition(logits, ref, label_forcing=0.25)
-    assert torch.allclose(mixed, 0.25 * ref + 0.75 * torch.sigmoid(logits))
+    assert torch.allclose(mixed, 0.25 * ref + 0.75 * (torch.sigmoid(logits) >= 0.5).float())  # thresholded mode
+    soft = make_model(condition_mode="probabilities")
+    assert torch.allclose(soft.resolve_condition(logits, ref, label_forcing=0.25),
+                          0.25 * ref + 0.75 * torch.sigmoid(logits))
     assert torch.equal(model.resolve_condition(logits, ref), ref)
     with pytest.raises(ValueError, match="label_forcing"):
         model.resolve_condition(logits, ref, label_forcing=1.5)

@@ -5,9 +5,10 @@ on two cores two single-threaded jobs beat one two-threaded job, and on a busy m
 A job trains with :class:`ifnet.train.trainer.Trainer` (model selection on validation only), reloads
 the best checkpoint, and decodes:
 
-* validation, twice: memory conditioned on the label head's probabilities (the model's default) and on
-  those probabilities thresholded per label (thresholds chosen on validation, see
-  :func:`ifnet.baselines.choose_thresholds`). The mode with the higher validation CE macro-F1 is kept.
+* validation, twice: conditioned on the label head's probabilities thresholded per label (the model's
+  default: thresholds the trainer chose on validation with :func:`ifnet.baselines.choose_thresholds` and
+  stored in the checkpoint) and on the raw probabilities. The mode with the higher validation CE
+  macro-F1 is kept.
 * test, once, in the kept mode.
 
 A third validation decode, conditioned on the validation *reference* labels, is a diagnostic only (does
@@ -68,7 +69,8 @@ def _feature_source(spec: JobSpec, cfg: Any) -> Any:
 
 def _decode(model: Any, tokenizer: Any, ids: list[str], source: Any, cfg: Any, condition: Optional[np.ndarray],
             beam: int, max_len: int) -> tuple[dict[str, str], np.ndarray]:
-    """Reports and label probabilities for ``ids``; ``condition`` [N, 14] 0/1 or None (probabilities)."""
+    """Reports and label probabilities for ``ids``; ``condition`` [N, 14] (0/1 or probabilities), or None for
+    the model's default (its label head's probabilities at its stored thresholds)."""
     import torch
 
     from ifnet.data.tokenizer import BOS_ID, EOS_ID
@@ -128,14 +130,18 @@ def train_and_decode(spec: JobSpec) -> dict:
     beam, max_len = cfg.eval.beam_size, cfg.eval.max_len
 
     val_modes: dict[str, dict] = {}
-    hyps_prob, val_probs = _decode(model, tokenizer, val_ids, source, cfg, None, beam, max_len)
-    choice = choose_thresholds(to_binary(val_codes), val_probs, train_labels.mean(0))
-    hyps_thr, _ = _decode(model, tokenizer, val_ids, source, cfg, apply_thresholds(val_probs, choice.thresholds),
+    # The checkpoint carries per-label thresholds the trainer chose on validation (the model's default
+    # condition); the probabilities mode passes the raw label-head probabilities as the condition instead.
+    val_probs = _label_probs(model, val_ids, source)
+    thresholds = model.label_thresholds.numpy().astype(np.float64)
+    choice = choose_thresholds(to_binary(val_codes), val_probs, train_labels.mean(0))  # rule used per label
+    hyps_thr, _ = _decode(model, tokenizer, val_ids, source, cfg, apply_thresholds(val_probs, thresholds),
                           beam, max_len)
+    hyps_prob, _ = _decode(model, tokenizer, val_ids, source, cfg, val_probs, beam, max_len)
     for mode, hyps in (("probabilities", hyps_prob), ("thresholded", hyps_thr)):
         val_modes[mode] = compute_scores(val_refs, hyps, cleaner=cfg.data.cleaner,
                                          metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"), ref_labels=val_codes)
-    mode = max(val_modes, key=lambda m: (val_modes[m]["CE_F1_macro"], m == "probabilities"))
+    mode = max(val_modes, key=lambda m: (val_modes[m]["CE_F1_macro"], m == "thresholded"))
     # Diagnostic only, never used for any choice: the validation *reference* labels as the condition. It
     # measures whether the decoder verbalises its condition at all (an upper bound for this decoder).
     hyps_oracle, _ = _decode(model, tokenizer, val_ids, source, cfg, to_binary(val_codes), beam, max_len)
@@ -147,7 +153,7 @@ def train_and_decode(spec: JobSpec) -> dict:
 
     # Test: decoded once, in the mode chosen above. Only features go in.
     test_probs = _label_probs(model, spec.test_ids, source)
-    cond = None if mode == "probabilities" else apply_thresholds(test_probs, choice.thresholds)
+    cond = test_probs if mode == "probabilities" else apply_thresholds(test_probs, thresholds)
     test_hyps, _ = _decode(model, tokenizer, spec.test_ids, source, cfg, cond, beam, max_len)
     return {
         "name": spec.name, "iec": spec.iec, "blank": spec.blank,
@@ -157,7 +163,8 @@ def train_and_decode(spec: JobSpec) -> dict:
         "val_condition_modes": {m: _floats(s) for m, s in val_modes.items()},
         "condition_mode": mode,
         "val_oracle_condition_diagnostic": _floats(oracle),
-        "thresholds": choice.as_dict(),
+        "thresholds": {name: dict(row, threshold=float(t)) for (name, row), t in zip(choice.as_dict().items(),
+                                                                                   thresholds)},
         "test_hyps": test_hyps,
         "test_label_probs": test_probs.tolist(),
         "val_label_probs": val_probs.tolist(), "val_ids": val_ids,
@@ -181,7 +188,7 @@ def _label_probs(model: Any, ids: list[str], source: Any) -> np.ndarray:
             mask = torch.stack([source.get(i)[1] for i in chunk])
             vis = model.encode_features(feats, mask)
             out.append(torch.sigmoid(model.predict_labels(vis)).numpy())
-    return np.concatenate(out)
+    return np.concatenate(out) if out else np.zeros((0, 14), dtype=np.float32)
 
 
 def _floats(scores: dict) -> dict:

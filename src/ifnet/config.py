@@ -8,6 +8,7 @@ values are checked against the field types. The resolved config is plain JSON/YA
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,8 @@ from typing import Any, Mapping, Sequence, TypeVar, Union
 import yaml
 
 from ifnet.errors import DataError, UsageError
+
+_FLOAT_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 
 T = TypeVar("T")
 
@@ -69,6 +72,9 @@ def _coerce(value: Any, tp: Any, where: str, source: str) -> Any:
         raise DataError(source, f"expected true/false, got {value!r}", field=where)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and _FLOAT_RE.fullmatch(value.strip()):
+            # YAML 1.1 reads "2e-3" (no dot in the mantissa) as a string; it is a number to every user.
             return float(value)
         raise DataError(source, f"expected a number, got {value!r}", field=where)
     if tp is int:

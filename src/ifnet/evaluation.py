@@ -58,6 +58,30 @@ def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: An
     return results
 
 
+@torch.no_grad()
+def label_probabilities(model: IFNet, ds: Dataset, data_cfg: Any, *, device: torch.device,
+                        batch_size: Optional[int] = None) -> tuple[list[str], np.ndarray]:
+    """Study ids and the label head's probabilities ``[N, 14]`` (images or cached features only; no decoding)."""
+    from ifnet.train.data import build_loader
+
+    was_training = model.training
+    model.eval()
+    ids: list[str] = []
+    probs = []
+    try:
+        for batch in build_loader(ds, data_cfg, train=False, seed=0, batch_size=batch_size):
+            view_mask = batch["view_mask"].to(device)
+            if "features" in batch:
+                visual = model.encode_features(batch["features"].to(device).float(), view_mask)
+            else:
+                visual = model.encode_images(batch["images"].to(device), view_mask)
+            probs.append(torch.sigmoid(model.predict_labels(visual)).float().cpu().numpy())
+            ids.extend(batch["ids"])
+    finally:
+        model.train(was_training)
+    return ids, np.concatenate(probs) if probs else np.zeros((0, len(OBSERVATIONS)), dtype=np.float32)
+
+
 def _per_study_caption_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     targets = tokens[:, 1:]
     nll = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), targets, ignore_index=0, reduction="none")

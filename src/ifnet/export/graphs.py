@@ -62,9 +62,10 @@ class BackboneGraph(nn.Module):
 class EncoderGraph(nn.Module):
     """Visual tokens, label head, memory fusion, SAFormer encoder and the decoder's cross-attention states.
 
-    ``condition_weight [B]`` mixes the supplied ``condition [B, 14]`` with the label head's probabilities
-    (``w * condition + (1 - w) * predicted``): 0 conditions on predictions (the default at inference), 1 on
-    radiologist-supplied findings; both ends give exactly ``IFNet.resolve_condition``'s vector.
+    ``condition_weight [B]`` mixes the supplied ``condition [B, 14]`` with the label head's own condition
+    (``w * condition + (1 - w) * predicted``, ``predicted`` = ``IFNet.predicted_condition``: thresholded
+    or raw probabilities, as the model is configured): 0 conditions on predictions (the default at
+    inference), 1 on radiologist-supplied findings; both ends give exactly ``IFNet.resolve_condition``'s vector.
     """
 
     def __init__(self, model: IFNet) -> None:
@@ -76,7 +77,7 @@ class EncoderGraph(nn.Module):
         model = self.model
         visual = model.encode_features(features, view_mask)
         label_logits = model.predict_labels(visual)
-        predicted = torch.sigmoid(label_logits)
+        predicted = model.predicted_condition(label_logits)
         w = condition_weight.to(predicted.dtype)[:, None]
         used = w * condition.to(predicted.dtype) + (1.0 - w) * predicted
         fused = model._zero_masked(model.fuse_memory(visual.tokens, used), visual.token_mask)
@@ -120,6 +121,8 @@ class DecoderStepGraph(nn.Module):
         self_state, cross_state = state[:n_self], state[n_self:]
         # IFNet.embed_words at a position given as a tensor (a graph input, not a Python int).
         x = model.word_embedding(token) * math.sqrt(model.config.d_model) + model.word_positions[position]
+        if model.condition_proj is not None:  # IFNet.condition_words
+            x = x + model.condition_proj(condition.to(x.dtype))
         x = x + self._memory_response(x, condition)
         new_state: List[Tensor] = []
         for i, layer in enumerate(model.decoder.layers):
@@ -127,7 +130,7 @@ class DecoderStepGraph(nn.Module):
             summary = tuple(cross_state[i * self.num_cross:(i + 1) * self.num_cross])
             x, cache = layer.step(x, cache, summary)
             new_state.extend(cache)
-        logits = model.lm_head(model.decoder.norm(x)) + self.logit_mask
+        logits = model.output_logits(model.decoder.norm(x), condition) + self.logit_mask
         return (logits, *new_state)
 
     def _memory_response(self, x: Tensor, condition: Tensor) -> Tensor:

@@ -43,6 +43,9 @@ __all__ = [
 ]
 
 
+CONDITION_MODES = ("thresholded", "probabilities")
+
+
 @dataclass
 class IFNetConfig:
     """Everything needed to rebuild an IFNet; stored in every checkpoint as ``config.json``."""
@@ -59,6 +62,19 @@ class IFNetConfig:
     max_positions: int = 256  # longest token sequence (bos + words + eos) the decoder accepts
     dropout: float = 0.1  # on visual tokens, word embeddings, memory weights and the label head input
     tie_word_embeddings: bool = True  # output projection shares the embedding matrix (fewer params, Vaswani)
+    # A learned projection of the 14-label condition added to every word embedding: the direct path from
+    # "what the report must say" to the decoder. Without it the labels reach the decoder only as a bias on
+    # memory slot scores, which a decoder trained on templated reports learns to ignore (measured:
+    # docs/RESULTS.md). False rebuilds the memory-only conditioning (ablation).
+    condition_embedding: bool = True
+    # A learned label -> vocabulary bias added to the next-word logits (zero at initialisation): lets "the
+    # report must mention an effusion" raise the words that say so from the first steps of training, while
+    # the decoder's context decides where they go. False = no bias (ablation).
+    condition_logit_bias: bool = True
+    # What conditions the memory at inference when no findings are supplied: "thresholded" = the label
+    # head's probabilities cut at per-label thresholds the trainer chooses on validation (0/1, like the
+    # labels seen in training), "probabilities" = the raw probabilities.
+    condition_mode: str = "thresholded"
     transformer: SAFormerConfig = field(default_factory=SAFormerConfig)  # encoder/decoder sizes and attention
 
     @property
@@ -77,6 +93,9 @@ class IFNetConfig:
         if not 1 <= self.memory_top_k <= self.num_memory_slots:
             raise IFNetError(f"IFNetConfig.memory_top_k must be in 1..num_memory_slots "
                              f"({self.num_memory_slots}), got {self.memory_top_k}")
+        if self.condition_mode not in CONDITION_MODES:
+            raise IFNetError(f"IFNetConfig.condition_mode must be one of {', '.join(CONDITION_MODES)}, got "
+                             f"{self.condition_mode!r}")
         if self.d_model % self.memory_heads or self.d_model % 4:
             raise IFNetError(f"transformer.d_model ({self.d_model}) must be divisible by memory_heads "
                              f"({self.memory_heads}) and by 4 (2-D patch positions)")
@@ -199,6 +218,14 @@ class IFNet(nn.Module):
         self.encoder = SAFormerEncoder(config.transformer)
         self.decoder = SAFormerDecoder(config.transformer)
         self.word_embedding = nn.Embedding(config.vocab_size, d)
+        self.condition_proj = nn.Linear(NUM_OBSERVATIONS, d) if config.condition_embedding else None
+        self.condition_logits = None
+        if config.condition_logit_bias:
+            self.condition_logits = nn.Linear(NUM_OBSERVATIONS, config.vocab_size, bias=False)
+            nn.init.zeros_(self.condition_logits.weight)
+        # Per-label cut-offs for condition_mode="thresholded"; 0.5 until the trainer calibrates them on
+        # validation (stored with the weights, so evaluate/generate/serve/export all use the same ones).
+        self.register_buffer("label_thresholds", torch.full((NUM_OBSERVATIONS,), 0.5))
         nn.init.normal_(self.word_embedding.weight, std=d ** -0.5)  # times sqrt(d) below -> unit scale
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
@@ -267,16 +294,31 @@ class IFNet(nn.Module):
             return x + response, readout
         return x + out
 
+    def predicted_condition(self, label_logits: Tensor) -> Tensor:
+        """The condition the label head's logits give on their own (detached): 0/1 at
+        ``label_thresholds`` (``condition_mode="thresholded"``) or the probabilities."""
+        probs = torch.sigmoid(label_logits).detach()
+        if self.config.condition_mode == "thresholded":
+            return (probs >= self.label_thresholds.to(probs.dtype)).to(probs.dtype)
+        return probs
+
+    def set_label_thresholds(self, thresholds: Any) -> None:
+        """Install per-label thresholds ``[14]`` in (0, 1] (chosen on validation by the trainer)."""
+        t = torch.as_tensor(thresholds, dtype=self.label_thresholds.dtype).to(self.label_thresholds.device)
+        if t.shape != self.label_thresholds.shape or not bool(torch.isfinite(t).all()):
+            raise IFNetError(f"label thresholds must be {NUM_OBSERVATIONS} finite numbers, got shape {tuple(t.shape)}")
+        self.label_thresholds.copy_(t.clamp(1e-6, 1.0))
+
     def resolve_condition(self, label_logits: Tensor, condition: Optional[Tensor] = None,
                           label_forcing: float = 1.0) -> Tensor:
         """The label vector ``[B, 14]`` that conditions the memory.
 
-        ``condition=None``: the label head's probabilities (inference). Otherwise ``condition`` (reference
+        ``condition=None``: :meth:`predicted_condition` (inference). Otherwise ``condition`` (reference
         labels in training, user-supplied findings at inference), mixed as
         ``label_forcing * condition + (1 - label_forcing) * predicted``. Predictions are detached: the label
         head learns only from its BCE loss, so its outputs stay calibrated probabilities.
         """
-        predicted = torch.sigmoid(label_logits).detach()
+        predicted = self.predicted_condition(label_logits)
         if condition is None:
             return predicted
         if condition.shape != predicted.shape:
@@ -322,6 +364,20 @@ class IFNet(nn.Module):
         emb = self.word_embedding(tokens) * math.sqrt(self.config.d_model)
         return self.dropout(emb + self.word_positions[start:end].to(emb.dtype))
 
+    def condition_words(self, words: Tensor, condition: Tensor) -> Tensor:
+        """``words [B, T, D]`` + the projected condition ``[B, D]`` on every position (when configured)."""
+        if self.condition_proj is None:
+            return words
+        return words + self.condition_proj(condition.to(words.dtype))[:, None, :]
+
+    def output_logits(self, hidden: Tensor, condition: Tensor) -> Tensor:
+        """Decoder states ``[B, T, D]`` or ``[B, D]`` -> vocabulary logits, plus the condition's word bias."""
+        logits = self.lm_head(hidden)
+        if self.condition_logits is None:
+            return logits
+        bias = self.condition_logits(condition.to(logits.dtype))
+        return logits + (bias[:, None, :] if logits.dim() == 3 else bias)
+
     def forward(self, images: Optional[Tensor], view_mask: Tensor, tokens: Tensor,
                 condition: Optional[Tensor] = None, *, features: Optional[Tensor] = None,
                 label_forcing: float = 1.0) -> IFNetOutput:
@@ -337,9 +393,9 @@ class IFNet(nn.Module):
         if tokens.shape[0] != enc.memory.shape[0]:
             raise ValueError(f"tokens has {tokens.shape[0]} rows but the images/features batch has {enc.memory.shape[0]}")
         inputs = tokens[:, :-1]
-        words = self.fuse_memory(self.embed_words(inputs), enc.condition, slots)
+        words = self.fuse_memory(self.condition_words(self.embed_words(inputs), enc.condition), enc.condition, slots)
         hidden = self.decoder(words, enc.memory, enc.memory_mask, inputs != PAD_ID)
-        return IFNetOutput(self.lm_head(hidden), enc.label_logits)
+        return IFNetOutput(self.output_logits(hidden, enc.condition), enc.label_logits)
 
     def start_decoding(self, enc: EncoderOutput) -> IFNetDecodeState:
         """Decoding state for :meth:`decode_step`, from an :class:`EncoderOutput`."""
@@ -348,9 +404,10 @@ class IFNet(nn.Module):
 
     def decode_step(self, tokens: Tensor, state: IFNetDecodeState) -> tuple[Tensor, IFNetDecodeState]:
         """One token per sequence ``tokens [B]`` (the first call gets bos) -> next-token logits ``[B, vocab]``."""
-        words = self.fuse_memory(self.embed_words(tokens[:, None], state.position), state.condition, state.slots)
+        words = self.condition_words(self.embed_words(tokens[:, None], state.position), state.condition)
+        words = self.fuse_memory(words, state.condition, state.slots)
         hidden, dec = self.decoder.step(words[:, 0], state.decoder)
-        return self.lm_head(hidden), replace(state, decoder=dec)
+        return self.output_logits(hidden, state.condition), replace(state, decoder=dec)
 
     # -- generation -------------------------------------------------------------------------------
     @torch.no_grad()

@@ -47,7 +47,9 @@ class OptimConfig:
 class EvalConfig:
     beam_size: int = 3  # beam width when decoding validation/test reports (paper: 3)
     max_len: int = 60  # longest generated report in tokens (IU-Xray 60, MIMIC-CXR 100)
-    monitor: str = "BLEU_4"  # validation metric for model selection (higher is better)
+    # validation metric for model selection (higher is better); "A+B" sums metrics, e.g. BLEU_4+CE_F1_macro
+    # so that a template that scores BLEU but says nothing about the image is not what gets kept
+    monitor: str = "BLEU_4"
     patience: int = 50  # epochs without validation improvement before early stopping
     uncertain: str = "positive"  # CE mapping of the labeler's 'uncertain' (printed beside CE numbers)
     meteor: bool = True  # METEOR needs Java; off skips it (the key is then absent)

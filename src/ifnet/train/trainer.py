@@ -239,7 +239,7 @@ class Trainer:
             if self.is_main:
                 metrics = self.validate()
                 row.update({f"val_{k}": v for k, v in metrics.items() if isinstance(v, (int, float))})
-            score = dist_utils.broadcast_float(float(metrics.get(cfg.eval.monitor, -math.inf)), self.dist)
+            score = dist_utils.broadcast_float(monitor_score(metrics, cfg.eval.monitor), self.dist)
             improved = score > best
             if improved:
                 best, best_epoch, bad_epochs = score, epoch, 0
@@ -341,6 +341,7 @@ class Trainer:
         studies = [s for s in self.val_studies if s.id in self.val_refs]
         ds = make_dataset(studies, cfg.data, self.tokenizer, self.labels, train=False,
                           feature_cache=self.feature_cache)
+        thresholds = self.calibrate_thresholds(ds)
         preds = decode_studies(self.model, ds, self.tokenizer, cfg.data, device=self.device,
                                beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len, with_loss=True)
         hyps = {p["id"]: p["generated"] for p in preds}
@@ -352,7 +353,46 @@ class Trainer:
         truth = np.stack([self.labels[p["id"]] for p in preds])
         scores["label_auc"] = mean_auc(truth, probs)
         scores["loss"] = float(np.mean([p["loss"] for p in preds]))
+        if thresholds is not None:
+            scores["label_thresholds"] = thresholds
         return scores
+
+    def calibrate_thresholds(self, ds: Any) -> Optional[dict]:
+        """Per-label thresholds of the thresholded condition, chosen on the validation split.
+
+        The label head's validation probabilities against the validation studies' training labels (what the
+        label head learns), by :func:`ifnet.baselines.choose_thresholds`: F1-optimal where validation holds
+        at least 5 positives, else the cut whose positive rate matches the training prevalence. Installed in
+        the model before validation decodes, so each checkpoint carries the thresholds it was scored with.
+        Returns them (with the rule used per label) for the logs; ``None`` when the model conditions on raw
+        probabilities.
+        """
+        from ifnet.baselines import choose_thresholds
+        from ifnet.evaluation import label_probabilities
+
+        if self.model.config.condition_mode != "thresholded":
+            return None
+        ids, probs = label_probabilities(self.model, ds, self.cfg.data, device=self.device)
+        truth = np.stack([self.labels[i] for i in ids])
+        prevalence = np.stack([self.labels[s.id] for s in self.train_studies]).mean(0)
+        choice = choose_thresholds(truth, probs, prevalence)
+        self.model.set_label_thresholds(choice.thresholds)
+        return choice.as_dict()
+
+
+def monitor_score(metrics: dict, monitor: str) -> float:
+    """The model-selection score: one validation metric, or the sum of ``+``-joined ones. -inf when no
+    metrics (non-main DDP ranks); an unknown name is an error listing the available ones."""
+    if not metrics:
+        return -math.inf
+    total = 0.0
+    for name in (part.strip() for part in monitor.split("+")):
+        value = metrics.get(name)
+        if not isinstance(value, (int, float)):
+            names = sorted(k for k, v in metrics.items() if isinstance(v, (int, float)))
+            raise IFNetError(f"eval.monitor: no validation metric {name!r}; available: {', '.join(names)}")
+        total += float(value)
+    return total
 
 
 def weights_checksum(model: nn.Module) -> float:
