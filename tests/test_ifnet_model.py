@@ -334,3 +334,24 @@ def test_unknown_decoding_option_is_an_error(model):
     b = make_batch()
     with pytest.raises(TypeError, match="lenght_penalty"):
         model.generate(b["images"], b["view_mask"], lenght_penalty=1.0)
+
+
+def test_condition_logit_bias_is_exactly_added_and_starts_at_zero():
+    m = make_model(seed=4).eval()
+    assert torch.count_nonzero(m.condition_logits.weight) == 0  # no effect before training
+    b = make_batch()
+    cond = torch.zeros(3, 14)
+    cond[0, 1] = 1.0  # study 0: Cardiomegaly
+    with torch.no_grad():
+        feats = m.extract_features(b["images"], b["view_mask"])
+        before = m(None, b["view_mask"], b["tokens"], cond, features=feats).logits
+        m.condition_logits.weight[5, 1] = 2.5  # Cardiomegaly raises word 5
+        after = m(None, b["view_mask"], b["tokens"], cond, features=feats).logits
+        enc = m.encode(None, b["view_mask"], cond, features=feats)
+        step, _ = m.decode_step(b["tokens"][:, 0], m.start_decoding(enc))
+    diff = after - before
+    assert torch.allclose(diff[0, :, 5], torch.full_like(diff[0, :, 5], 2.5))
+    diff[0, :, 5] = 0
+    assert torch.count_nonzero(diff) == 0  # nothing else moved, other studies untouched
+    assert torch.allclose(step[0], after[0, 0], atol=1e-5)  # the decode step adds the same bias
+    assert make_model(condition_logit_bias=False).condition_logits is None

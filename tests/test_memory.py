@@ -113,3 +113,23 @@ def test_bad_settings_are_rejected(kw, match):
 def test_default_size_matches_r2gencmn():
     mem = MemoryMatrix(512)
     assert mem.slots.shape == (2048, 512) and mem.top_k == 32 and mem.label_to_slot.shape == (14, 2048)
+
+
+def test_gathered_and_dense_reads_agree(monkeypatch):
+    """Few query rows read the k chosen values by index, many rows use one dense product: same response
+    and same gradients."""
+    import ifnet.models.memory as memory_module
+
+    mem = _memory()
+    x = torch.randn(3, 7, 16, requires_grad=True)
+    bias = mem.slot_bias(torch.rand(3, 14))
+    results = []
+    for rows in (0, 10_000):  # 0: always dense; 10000: always gathered
+        monkeypatch.setattr(memory_module, "GATHER_MAX_ROWS", rows)
+        mem.zero_grad()
+        x.grad = None
+        out = mem(x, bias.detach())
+        out.square().sum().backward()
+        results.append((out.detach(), x.grad.clone(), mem.slots.grad.clone(), mem.value.weight.grad.clone()))
+    for dense, gathered in zip(*results):
+        assert torch.allclose(dense, gathered, atol=1e-5)

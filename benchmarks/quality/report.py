@@ -133,16 +133,22 @@ def generated_section(merged: dict) -> str:
                 "### Goals", "", *goals_table(main), ""]
         ifnet = main["ifnet_jobs"].get("IFNet")
         if ifnet:
-            out += [f"IFNet: best epoch {ifnet['best_epoch']} of {ifnet['epochs_run']} (validation BLEU_4); memory "
-                    f"conditioned on **{ifnet['condition_mode']}** label predictions (chosen on validation CE "
-                    f"macro-F1: " + ", ".join(f"{m} {v['CE_F1_macro']:.3f} / BLEU_4 {v['BLEU_4']:.3f}"
-                                                for m, v in ifnet["val_condition_modes"].items()) + ")."]
-            diag = ifnet.get("val_oracle_condition_diagnostic")
+            monitor = ifnet.get("monitor", "BLEU_4")
+            out += [f"IFNet: best epoch {ifnet['best_epoch']} of {ifnet['epochs_run']} (validation {monitor}); "
+                    f"decoded with the **{ifnet['condition_mode']}** label predictions as the condition and "
+                    f"guidance weight **{ifnet.get('guidance', 0):g}**, chosen on validation by the same monitor "
+                    "from these (validation CE macro-F1 / BLEU_4 / distinct reports):", ""]
+            out += [f"* {m}: {v['CE_F1_macro']:.3f} / {v['BLEU_4']:.3f} / {int(v.get('distinct_reports', 0))}"
+                    for m, v in ifnet["val_condition_modes"].items()]
+            diag = ifnet.get("val_oracle_condition_diagnostic") or {}
+            if "CE_F1_macro" in diag:  # older runs: one entry without guidance
+                diag = {"guidance=0": diag}
             if diag:
-                out += [f"Diagnostic on validation, never used for a choice: conditioned on the validation *reference* "
-                        f"labels, the decoder reaches CE macro-F1 {diag['CE_F1_macro']:.3f} with "
-                        f"{int(diag['distinct_reports'])} distinct reports; this bounds what better label "
-                        f"predictions could give this decoder."]
+                out += ["", "Diagnostic on validation, never used for a choice: conditioned on the validation "
+                        "*reference* labels, the decoder reaches " + "; ".join(
+                            f"CE macro-F1 {d['CE_F1_macro']:.3f} with {int(d['distinct_reports'])} distinct reports "
+                            f"at {k}" for k, d in diag.items())
+                        + ". This bounds what better label predictions could give this decoder."]
             out += [""]
     out += ["### IEC: none vs CLAHE vs adaptive, overall and on the low-quality subset", "", *iec_tables(parts), ""]
     att = attention_table(parts)

@@ -68,17 +68,12 @@ def _feature_source(spec: JobSpec, cfg: Any) -> Any:
 
 
 def _decode(model: Any, tokenizer: Any, ids: list[str], source: Any, cfg: Any, condition: Optional[np.ndarray],
-            beam: int, max_len: int) -> tuple[dict[str, str], np.ndarray]:
-    """Reports and label probabilities for ``ids``; ``condition`` [N, 14] (0/1 or probabilities), or None for
-    the model's default (its label head's probabilities at its stored thresholds)."""
+            beam: int, max_len: int, guidance: float = 0.0) -> dict[str, str]:
+    """Reports for ``ids``; ``condition`` [N, 14] (0/1 or probabilities), or None for the model's default
+    (its label head's probabilities at its stored thresholds). Beam 1 is greedy with trigram blocking."""
     import torch
 
-    from ifnet.data.tokenizer import BOS_ID, EOS_ID
-    from ifnet.decoding.search import beam_search, greedy_decode
-    from ifnet.models.ifnet import IFNetDecoder
-
     hyps: dict[str, str] = {}
-    probs = []
     model.eval()
     bs = 32
     with torch.no_grad():
@@ -88,15 +83,14 @@ def _decode(model: Any, tokenizer: Any, ids: list[str], source: Any, cfg: Any, c
             mask = torch.stack([source.get(i)[1] for i in chunk])
             cond = None if condition is None else torch.tensor(condition[start:start + bs], dtype=torch.float32)
             enc = model.encode(None, mask, cond, features=feats)
-            adapter = IFNetDecoder(model)
-            if beam == 1:
-                toks = greedy_decode(adapter, enc, bos_id=BOS_ID, eos_id=EOS_ID, max_len=max_len, block_trigrams=True)
-            else:
-                toks = beam_search(adapter, enc, beam_size=beam, bos_id=BOS_ID, eos_id=EOS_ID, max_len=max_len)
-            probs.append(torch.sigmoid(enc.label_logits).float().numpy())
+            toks = model.decode(enc, beam_size=beam, max_len=max_len, guidance=guidance)
             for sid, row in zip(chunk, toks.tolist()):
                 hyps[sid] = tokenizer.decode(row)
-    return hyps, np.concatenate(probs)
+    return hyps
+
+
+# Guidance weights tried on validation (ifnet.decoding.guidance); 0 is plain beam search.
+GUIDANCE_GRID = (0.0, 1.0, 2.0, 3.0)
 
 
 def train_and_decode(spec: JobSpec) -> dict:
@@ -110,7 +104,7 @@ def train_and_decode(spec: JobSpec) -> dict:
     from ifnet.metrics.scoring import compute_scores, reference_labels
     from ifnet.models.checkpoint import load_checkpoint
     from ifnet.train.config import TrainConfig
-    from ifnet.train.trainer import Trainer
+    from ifnet.train.trainer import Trainer, monitor_score
 
     overrides = list(spec.overrides) + [f"data.annotation={spec.annotation}", f"data.image_root={spec.image_root}",
                                         f"data.iec={spec.iec}"]
@@ -132,37 +126,43 @@ def train_and_decode(spec: JobSpec) -> dict:
     val_modes: dict[str, dict] = {}
     # The checkpoint carries per-label thresholds the trainer chose on validation (the model's default
     # condition); the probabilities mode passes the raw label-head probabilities as the condition instead.
+    # Each (condition mode, guidance weight) is scored on validation; the training monitor picks one.
     val_probs = _label_probs(model, val_ids, source)
     thresholds = model.label_thresholds.numpy().astype(np.float64)
     choice = choose_thresholds(to_binary(val_codes), val_probs, train_labels.mean(0))  # rule used per label
-    hyps_thr, _ = _decode(model, tokenizer, val_ids, source, cfg, apply_thresholds(val_probs, thresholds),
-                          beam, max_len)
-    hyps_prob, _ = _decode(model, tokenizer, val_ids, source, cfg, val_probs, beam, max_len)
-    for mode, hyps in (("probabilities", hyps_prob), ("thresholded", hyps_thr)):
-        val_modes[mode] = compute_scores(val_refs, hyps, cleaner=cfg.data.cleaner,
-                                         metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"), ref_labels=val_codes)
-    mode = max(val_modes, key=lambda m: (val_modes[m]["CE_F1_macro"], m == "thresholded"))
+    conditions = {"thresholded": apply_thresholds(val_probs, thresholds), "probabilities": val_probs}
+    settings = [("thresholded", w) for w in GUIDANCE_GRID] + [("probabilities", 0.0)]
+    val_hyps = {}
+    for mode, w in settings:
+        key = f"{mode} guidance={w:g}"
+        val_hyps[key] = _decode(model, tokenizer, val_ids, source, cfg, conditions[mode], beam, max_len, w)
+        val_modes[key] = compute_scores(val_refs, val_hyps[key], cleaner=cfg.data.cleaner,
+                                        metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"), ref_labels=val_codes)
+        val_modes[key]["distinct_reports"] = len(set(val_hyps[key].values()))
+    chosen = max(settings, key=lambda mw: monitor_score(val_modes[f"{mw[0]} guidance={mw[1]:g}"], cfg.eval.monitor))
+    mode, guidance = chosen
     # Diagnostic only, never used for any choice: the validation *reference* labels as the condition. It
     # measures whether the decoder verbalises its condition at all (an upper bound for this decoder).
-    hyps_oracle, _ = _decode(model, tokenizer, val_ids, source, cfg, to_binary(val_codes), beam, max_len)
-    oracle = compute_scores(val_refs, hyps_oracle, cleaner=cfg.data.cleaner, metrics=("BLEU", "CE"),
-                            ref_labels=val_codes)
-    oracle["distinct_reports"] = len(set(hyps_oracle.values()))
-    for m, h in (("probabilities", hyps_prob), ("thresholded", hyps_thr)):
-        val_modes[m]["distinct_reports"] = len(set(h.values()))
+    oracle = {}
+    for w in sorted({0.0, guidance}):
+        hyps_oracle = _decode(model, tokenizer, val_ids, source, cfg, to_binary(val_codes), beam, max_len, w)
+        scores = compute_scores(val_refs, hyps_oracle, cleaner=cfg.data.cleaner, metrics=("BLEU", "CE"),
+                                ref_labels=val_codes)
+        scores["distinct_reports"] = len(set(hyps_oracle.values()))
+        oracle[f"guidance={w:g}"] = _floats(scores)
 
     # Test: decoded once, in the mode chosen above. Only features go in.
     test_probs = _label_probs(model, spec.test_ids, source)
     cond = test_probs if mode == "probabilities" else apply_thresholds(test_probs, thresholds)
-    test_hyps, _ = _decode(model, tokenizer, spec.test_ids, source, cfg, cond, beam, max_len)
+    test_hyps = _decode(model, tokenizer, spec.test_ids, source, cfg, cond, beam, max_len, guidance)
     return {
         "name": spec.name, "iec": spec.iec, "blank": spec.blank,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
         f"best_val_{cfg.eval.monitor}": result.best_score,
         "history": [{k: v for k, v in row.items() if isinstance(v, (int, float, str))} for row in result.history],
         "val_condition_modes": {m: _floats(s) for m, s in val_modes.items()},
-        "condition_mode": mode,
-        "val_oracle_condition_diagnostic": _floats(oracle),
+        "condition_mode": mode, "guidance": guidance, "monitor": cfg.eval.monitor,
+        "val_oracle_condition_diagnostic": oracle,
         "thresholds": {name: dict(row, threshold=float(t)) for (name, row), t in zip(choice.as_dict().items(),
                                                                                    thresholds)},
         "test_hyps": test_hyps,

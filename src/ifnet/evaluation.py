@@ -22,7 +22,7 @@ from ifnet.models.ifnet import IFNet
 
 @torch.no_grad()
 def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: Any, *, device: torch.device,
-                   beam_size: int = 3, max_len: int = 60, with_loss: bool = False,
+                   beam_size: int = 3, max_len: int = 60, guidance: float = 0.0, with_loss: bool = False,
                    batch_size: Optional[int] = None, progress: bool = False) -> list[dict]:
     """One dict per study: id, generated report, reference (raw), label probabilities [14], and
     ``loss`` (teacher-forced, conditioned on predicted labels) when ``with_loss``."""
@@ -40,7 +40,7 @@ def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: An
             images = batch["images"].to(device) if "images" in batch else None
             features = batch["features"].to(device).float() if "features" in batch else None
             enc = model.encode(images, view_mask, None, features=features)  # None: predicted labels
-            tokens = model.decode(enc, beam_size=beam_size, max_len=max_len)
+            tokens = model.decode(enc, beam_size=beam_size, max_len=max_len, guidance=guidance)
             probs = torch.sigmoid(enc.label_logits).float().cpu().numpy()
             losses = None
             if with_loss:
@@ -106,7 +106,8 @@ def _training_data_config(meta: dict, checkpoint: Path) -> Any:
 
 def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", annotation: Optional[Path] = None,
                         image_root: Optional[Path] = None, beam_size: Optional[int] = None,
-                        max_len: Optional[int] = None, limit: Optional[int] = None, meteor: bool = True,
+                        max_len: Optional[int] = None, guidance: Optional[float] = None,
+                        limit: Optional[int] = None, meteor: bool = True,
                         examples: int = 24, device: str = "auto", notes: tuple[str, ...] = ()) -> dict:
     """Decode ``split`` with ``checkpoint``; write predictions.json, metrics.json and index.html to ``out``."""
     from dataclasses import replace
@@ -129,12 +130,14 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
     beam = beam_size or int(train_eval.get("beam_size", 3))
     length = max_len or int(train_eval.get("max_len", 60))
+    guide = float(train_eval.get("guidance", 0.0)) if guidance is None else guidance
     ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=(split,), max_views=d.max_views)
     studies = ann.split(split)[: limit or None]
     if not studies:
         raise IFNetError(f"{d.annotation}: split {split!r} is empty")
     ds = ReportDataset(studies, d.image_root, tokenizer, image_config(d), d.max_tokens, None, train=False)
-    preds = decode_studies(model, ds, tokenizer, d, device=dev, beam_size=beam, max_len=length, progress=True)
+    preds = decode_studies(model, ds, tokenizer, d, device=dev, beam_size=beam, max_len=length, guidance=guide,
+                           progress=True)
     refs = {p["id"]: p["reference"] for p in preds}
     hyps = {p["id"]: p["generated"] for p in preds}
     metrics_list = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "CE") if meteor else ("BLEU", "ROUGE_L", "CIDEr", "CE")
@@ -150,7 +153,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "predictions.json", rows)
     atomic_write_json(out / "metrics.json", {**metrics, "split": split, "num_studies": len(preds),
-                                             "beam_size": beam, "max_len": length, "checkpoint": str(checkpoint)})
+                                             "beam_size": beam, "max_len": length, "guidance": guide, "checkpoint": str(checkpoint)})
     enhancer = build_enhancer(d.iec if d.iec != "none" else "clahe", d.clip_limit, d.tile_grid)
     page_examples = []
     for study, row in zip(studies[:examples], rows[:examples]):

@@ -52,31 +52,27 @@ def parse_findings(text: str) -> np.ndarray:
     return vec
 
 
-class Predictor:
-    def __init__(self, checkpoint: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
-                 max_len: Optional[int] = None) -> None:
-        from ifnet.evaluation import _training_data_config
-        from ifnet.models.checkpoint import load_checkpoint
-        from ifnet.train.data import image_config
-        from ifnet.train.trainer import resolve_device
-        from ifnet.data.transforms import ImageTransform
+class _StudyPipeline:
+    """The per-study pipeline shared by :class:`Predictor` (PyTorch) and
+    :class:`ifnet.export.runtime.OnnxPredictor` (ONNX Runtime): enhance -> preprocess -> backbone ->
+    memory + encoder -> decode, timed per stage, plus the optional heatmap.
 
-        self.device = resolve_device(device)
-        self.model, self.tokenizer, self.config, meta = load_checkpoint(checkpoint, map_location=self.device)
-        self.data_config = _training_data_config(meta, Path(checkpoint))
-        self.transform = ImageTransform(image_config(self.data_config), train=False)
-        train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
-        self.beam_size = beam_size or int(train_eval.get("beam_size", 3))
-        self.max_len = max_len or int(train_eval.get("max_len", 60))
-        self.checkpoint = str(checkpoint)
+    A subclass sets ``engine`` (an object with ``extract_features``, ``decode`` and
+    ``label_activation_maps`` like :class:`ifnet.models.ifnet.IFNet`), ``tokenizer``, ``transform``,
+    ``beam_size``, ``max_len``, ``guidance``, ``max_views`` and ``device``, and implements :meth:`_encode`.
+    """
 
-    @torch.no_grad()
-    def predict(self, views: Sequence[np.ndarray], *, findings: Optional[np.ndarray] = None,
-                heatmap: bool = False) -> Prediction:
-        """``views``: frontal first, then lateral (optional), each [H, W] uint8/uint16."""
+    engine: object
+    device: torch.device = torch.device("cpu")
+    max_views: int = 2
+
+    def _encode(self, features: torch.Tensor, view_mask: torch.Tensor, condition: Optional[np.ndarray]):
+        raise NotImplementedError
+
+    def _predict(self, views: Sequence[np.ndarray], findings: Optional[np.ndarray], heatmap: bool) -> Prediction:
         if not views:
             raise IFNetError("at least one view (the frontal image) is needed")
-        views = list(views)[: self.config.max_views]
+        views = list(views)[: self.max_views]
         t: dict[str, float] = {}
         t0 = time.perf_counter()
         enhanced = [self.transform.enhance(v) for v in views]
@@ -86,15 +82,14 @@ class Predictor:
         view_mask = torch.ones(1, len(views), dtype=torch.bool, device=self.device)
         t["preprocess"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        features = self.model.extract_features(images, view_mask)
+        features = self.engine.extract_features(images, view_mask)
         t["backbone"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        condition = None if findings is None else torch.as_tensor(findings, dtype=torch.float32,
-                                                                  device=self.device)[None]
-        enc = self.model.encode(None, view_mask, condition, features=features)
+        condition = None if findings is None else np.asarray(findings, dtype=np.float32)[None]
+        enc = self._encode(features, view_mask, condition)
         t["memory_encoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tokens = self.model.decode(enc, beam_size=self.beam_size, max_len=self.max_len)
+        tokens = self.engine.decode(enc, beam_size=self.beam_size, max_len=self.max_len, guidance=self.guidance)
         t["decode"] = time.perf_counter() - t0
         probs = torch.sigmoid(enc.label_logits[0]).float().cpu().numpy()
         pred = Prediction(
@@ -114,7 +109,7 @@ class Predictor:
     def _heatmap(self, features: torch.Tensor, view_mask: torch.Tensor, probs: np.ndarray,
                  shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
         """Class activation map of the most probable finding (No Finding excluded) on the frontal view."""
-        maps = self.model.label_activation_maps(features, view_mask)[0]  # [14, V, h, w]
+        maps = self.engine.label_activation_maps(features, view_mask)[0]  # [14, V, h, w]
         label = int(np.argmax(probs[:-1]))
         cam = maps[label, 0].float()
         cam = torch.relu(cam - cam.mean())
@@ -122,6 +117,39 @@ class Predictor:
         up = torch.nn.functional.interpolate(cam[None, None], size=tuple(shape[:2]), mode="bilinear",
                                              align_corners=False)[0, 0]
         return up.cpu().numpy(), OBSERVATIONS[label]
+
+
+class Predictor(_StudyPipeline):
+    def __init__(self, checkpoint: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
+                 max_len: Optional[int] = None, guidance: Optional[float] = None) -> None:
+        from ifnet.evaluation import _training_data_config
+        from ifnet.models.checkpoint import load_checkpoint
+        from ifnet.train.data import image_config
+        from ifnet.train.trainer import resolve_device
+        from ifnet.data.transforms import ImageTransform
+
+        self.device = resolve_device(device)
+        self.model, self.tokenizer, self.config, meta = load_checkpoint(checkpoint, map_location=self.device)
+        self.engine, self.max_views = self.model, self.config.max_views
+        self.data_config = _training_data_config(meta, Path(checkpoint))
+        self.transform = ImageTransform(image_config(self.data_config), train=False)
+        train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
+        self.beam_size = beam_size or int(train_eval.get("beam_size", 3))
+        self.max_len = max_len or int(train_eval.get("max_len", 60))
+        self.guidance = float(train_eval.get("guidance", 0.0)) if guidance is None else float(guidance)
+        if not (self.guidance >= 0 and np.isfinite(self.guidance)):
+            raise IFNetError(f"--guidance must be a finite number >= 0, got {guidance}")
+        self.checkpoint = str(checkpoint)
+
+    @torch.no_grad()
+    def predict(self, views: Sequence[np.ndarray], *, findings: Optional[np.ndarray] = None,
+                heatmap: bool = False) -> Prediction:
+        """``views``: frontal first, then lateral (optional), each [H, W] uint8/uint16."""
+        return self._predict(views, findings, heatmap)
+
+    def _encode(self, features: torch.Tensor, view_mask: torch.Tensor, condition: Optional[np.ndarray]):
+        cond = None if condition is None else torch.as_tensor(condition, device=self.device)
+        return self.model.encode(None, view_mask, cond, features=features)
 
 
 def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45) -> bytes:

@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--beam-size", type=int, help="beam width (default: the training config's)")
     parser.add_argument("--max-len", type=int, help="maximum report length in tokens (default: the training config's)")
+    parser.add_argument("--guidance", type=float, help="condition guidance weight (default: the training config's "
+                        "eval.guidance; 0 = plain beam search)")
     parser.add_argument("--limit", type=int, help="decode only the first N studies of the split")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
     parser.add_argument("--examples", type=int, default=24, help="studies shown on the HTML page (default 24)")
@@ -38,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
         raise IFNetError(f"{out / 'metrics.json'}: already exists; pass --overwrite to replace it")
     result = evaluate_checkpoint(args.checkpoint, out, split=args.split, annotation=args.annotation,
                                  image_root=args.image_root, beam_size=args.beam_size, max_len=args.max_len,
+                                 guidance=args.guidance,
                                  limit=args.limit, meteor=not args.no_meteor, examples=args.examples,
                                  device=args.device)
     from ifnet.cli.score import format_table

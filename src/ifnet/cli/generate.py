@@ -23,6 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="write the most probable finding's activation map over the frontal image")
     parser.add_argument("--beam-size", type=int, help="beam width (default: the training config's)")
     parser.add_argument("--max-len", type=int, help="maximum report length in tokens")
+    parser.add_argument("--guidance", type=float, help="condition guidance weight (default: the checkpoint's "
+                        "eval.guidance; 0 = plain beam search)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --heatmap file")
 
@@ -38,7 +40,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable_target(args.heatmap, args.overwrite)
     findings = parse_findings(args.findings) if args.findings is not None else None
     views = [read_xray(p) for p in args.images]  # clear ImageError naming a bad file, before loading the model
-    predictor = Predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len)
+    predictor = Predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
+                          guidance=args.guidance)
     pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
     if args.heatmap is not None and pred.heatmap is not None:
         atomic_write_bytes(args.heatmap, heatmap_overlay_png(views[0], pred.heatmap))

@@ -46,6 +46,9 @@ class DecodingConfig:
     length_penalty: float = 0.0  # GNMT alpha; 0 = rank by raw log-probability, as R2Gen does
     block_trigrams: bool = True  # R2Gen decodes with trigram blocking; reports otherwise repeat sentences
     trigram_penalty: float = math.inf  # per repeat; inf bans the repeat, log(4) is R2Gen's soft penalty
+    # condition guidance weight (ifnet.decoding.guidance); 0 = plain decoding. Needs a model whose decoding
+    # state carries the label condition (IFNet, the ONNX runtime).
+    guidance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -54,6 +57,8 @@ class DecodingConfig:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         if not self.trigram_penalty > 0:
             raise ValueError(f"trigram_penalty must be > 0, got {self.trigram_penalty}")
+        if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+            raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
 
 
 class BeamSearchOutput(NamedTuple):
@@ -63,9 +68,13 @@ class BeamSearchOutput(NamedTuple):
 
 def generate(model: "StepModel", batch_inputs: Any, cfg: Optional[DecodingConfig] = None, *,
              bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> Tensor:
-    """Decode with ``cfg`` (default ``DecodingConfig()``): greedy when ``beam_size == 1`` and there is
+    """Decode with ``cfg`` (default ``DecodingConfig()``), condition-guided when ``cfg.guidance > 0``: greedy when ``beam_size == 1`` and there is
     no length penalty (the two are then identical, greedy is cheaper), beam search otherwise. -> [B, L]."""
     cfg = DecodingConfig() if cfg is None else cfg
+    if cfg.guidance > 0:
+        from ifnet.decoding.guidance import GuidedStepModel
+
+        model = GuidedStepModel(model, cfg.guidance)
     if cfg.beam_size == 1 and cfg.length_penalty == 0:
         return greedy_decode(model, batch_inputs, bos_id=bos_id, eos_id=eos_id, max_len=cfg.max_len,
                              pad_id=pad_id, block_trigrams=cfg.block_trigrams,

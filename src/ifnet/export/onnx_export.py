@@ -118,6 +118,7 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, *, int8: bool = False
             "data_config": _to_plain(data_config),
             "decoding": {
                 "beam_size": int(train_eval.get("beam_size", 3)), "max_len": int(train_eval.get("max_len", 60)),
+                "guidance": float(train_eval.get("guidance", 0.0)),
                 "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
                 "masked_logits": [tokenizer.pad_id, tokenizer.bos_id],
             },

@@ -13,10 +13,9 @@ torch is used for the image transform and the search bookkeeping only; no model 
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, NamedTuple, Optional, Sequence, Union
+from typing import Any, Iterator, NamedTuple, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -25,11 +24,9 @@ from torch import Tensor
 from ifnet.errors import IFNetError
 from ifnet.export.onnx_export import (EXPORT_FORMAT, EXPORT_VERSION, GRAPHS, LABEL_HEAD_FILE, MANIFEST_FILE,
                                       VOCAB_FILE, ExportError, file_sha256)
+from ifnet.inference import Prediction, _StudyPipeline
 from ifnet.io_utils import PathLike, read_json
-from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS
-
-if TYPE_CHECKING:
-    from ifnet.inference import Prediction
+from ifnet.labels import NUM_OBSERVATIONS
 
 __all__ = ["read_manifest", "OnnxModel", "OnnxEncoderOutput", "OnnxDecodeState", "OnnxDecoder", "OnnxPredictor"]
 
@@ -212,6 +209,7 @@ class OnnxModel:
         max_len = max_len or self.decoding["max_len"]
         if max_len > self.max_positions:
             raise IFNetError(f"max_len={max_len} exceeds the model's max_positions={self.max_positions}")
+        decoding_options.setdefault("guidance", float(self.decoding.get("guidance", 0.0)))
         cfg = DecodingConfig(beam_size=beam_size, max_len=max_len, **decoding_options)
         with torch_single_thread(), torch.no_grad():
             return search(OnnxDecoder(self), enc, cfg, bos_id=self.decoding["bos_id"],
@@ -277,7 +275,7 @@ class OnnxDecoder:
                                                  self_state=tuple(torch.from_numpy(t) for t in new_state))
 
 
-class OnnxPredictor:
+class OnnxPredictor(_StudyPipeline):
     """:class:`ifnet.inference.Predictor` for an export folder: ``predict(views)`` -> the same ``Prediction``
     (report, findings, condition, timings per stage: enhance, preprocess, backbone, memory_encoder, decode)."""
 
@@ -286,65 +284,20 @@ class OnnxPredictor:
         from ifnet.data.transforms import ImageTransform
 
         self.model = OnnxModel(folder, variant=variant, threads=threads)
+        self.engine, self.max_views = self.model, self.model.max_views
         self.tokenizer = self.model.tokenizer
         self.transform = ImageTransform(self.model.image_config, train=False)
         self.beam_size = beam_size or self.model.decoding["beam_size"]
         self.max_len = max_len or self.model.decoding["max_len"]
+        self.guidance = float(self.model.decoding.get("guidance", 0.0))
         self.checkpoint = str(folder)
 
     @torch.no_grad()
     def predict(self, views: Sequence[np.ndarray], *, findings: Optional[np.ndarray] = None,
-                heatmap: bool = False) -> "Prediction":
+                heatmap: bool = False) -> Prediction:
         """``views``: frontal first, then lateral (optional), each [H, W] uint8/uint16."""
         with torch_single_thread():
             return self._predict(views, findings, heatmap)
 
-    def _predict(self, views: Sequence[np.ndarray], findings: Optional[np.ndarray], heatmap: bool) -> "Prediction":
-        from ifnet.inference import Prediction
-
-        if not views:
-            raise IFNetError("at least one view (the frontal image) is needed")
-        views = list(views)[: self.model.max_views]
-        t: dict[str, float] = {}
-        t0 = time.perf_counter()
-        enhanced = [self.transform.enhance(v) for v in views]
-        t["enhance"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        images = torch.stack([self.transform.to_tensor(e) for e in enhanced])[None]
-        view_mask = torch.ones(1, len(views), dtype=torch.bool)
-        t["preprocess"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        features = self.model.extract_features(images, view_mask)
-        t["backbone"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        condition = None if findings is None else np.asarray(findings, dtype=np.float32)[None]
-        enc = self.model.encode_features(features, view_mask, condition)
-        t["memory_encoder"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        tokens = self.model.decode(enc, beam_size=self.beam_size, max_len=self.max_len)
-        t["decode"] = time.perf_counter() - t0
-        probs = torch.sigmoid(enc.label_logits[0]).numpy()
-        pred = Prediction(
-            report=self.tokenizer.decode(tokens[0].tolist()),
-            findings={n: round(float(p), 4) for n, p in zip(OBSERVATIONS, probs)},
-            condition={n: round(float(c), 4) for n, c in zip(OBSERVATIONS, enc.condition[0])},
-            conditioned_on="predicted" if findings is None else "supplied",
-        )
-        if heatmap:
-            t0 = time.perf_counter()
-            pred.heatmap, pred.heatmap_label = self._heatmap(features, view_mask, probs, views[0].shape)
-            t["heatmap"] = time.perf_counter() - t0
-        pred.timings_ms = {k: round(v * 1000, 2) for k, v in t.items()}
-        pred.timings_ms["total"] = round(sum(t.values()) * 1000, 2)
-        return pred
-
-    def _heatmap(self, features: Tensor, view_mask: Tensor, probs: np.ndarray,
-                 shape: tuple[int, ...]) -> tuple[np.ndarray, str]:
-        """Class activation map of the most probable finding (No Finding excluded) on the frontal view."""
-        maps = self.model.label_activation_maps(features, view_mask)[0]  # [14, V, h, w]
-        label = int(np.argmax(probs[:-1]))
-        cam = torch.relu(maps[label, 0] - maps[label, 0].mean())
-        cam = cam / cam.max().clamp(min=1e-8)
-        up = torch.nn.functional.interpolate(cam[None, None], size=tuple(shape[:2]), mode="bilinear",
-                                             align_corners=False)[0, 0]
-        return up.numpy(), OBSERVATIONS[label]
+    def _encode(self, features: Tensor, view_mask: Tensor, condition: Optional[np.ndarray]) -> OnnxEncoderOutput:
+        return self.model.encode_features(features, view_mask, condition)

@@ -27,6 +27,10 @@ from torch import Tensor, nn
 
 __all__ = ["MemoryMatrix", "MemorySlots", "MemoryReadout"]
 
+# Up to this many query rows (batch x tokens) the memory read gathers the top-k value rows instead of a
+# dense product over all slots: the same numbers, far fewer bytes for a decoding step.
+GATHER_MAX_ROWS = 64
+
 
 class MemorySlots(NamedTuple):
     """Slots after the key/value projections, per head: each ``[num_heads, num_slots, head_dim]``.
@@ -95,10 +99,19 @@ class MemoryMatrix(nn.Module):
             scores = scores + slot_bias[None, :, None, :]
         top_scores, top_idx = scores.topk(self.top_k, dim=-1)  # [H, B, T, k]
         top_weights = F.softmax(top_scores, dim=-1)
-        # Scatter the k weights back to a dense row over all slots so the read is one matmul with the values.
         weights = self.dropout(top_weights)
-        dense = scores.new_zeros(scores.shape, dtype=weights.dtype).scatter(-1, top_idx, weights)
-        response = dense.view(self.num_heads, b * t, -1) @ slots.values  # [H, B*T, hd]
+        if b * t <= GATHER_MAX_ROWS:
+            # Few queries (a decoding step): read only the k chosen value rows per head. The dense product
+            # below would read every slot's value (num_slots x d_model floats) for each step.
+            flat = slots.values.reshape(-1, self.head_dim)  # [H*S, hd]
+            offsets = torch.arange(self.num_heads, device=x.device).view(-1, 1, 1, 1) * self.num_slots
+            picked = flat[top_idx + offsets]  # [H, B, T, k, hd]
+            response = (weights.unsqueeze(-1) * picked).sum(dim=-2).view(self.num_heads, b * t, -1)
+        else:
+            # Many queries (training, the encoder): scatter the k weights back to a dense row over all slots
+            # so the read is one matmul with the values.
+            dense = scores.new_zeros(scores.shape, dtype=weights.dtype).scatter(-1, top_idx, weights)
+            response = dense.view(self.num_heads, b * t, -1) @ slots.values  # [H, B*T, hd]
         response = response.transpose(0, 1).reshape(b, t, d)
         response = self.out(response)
         if return_readout:

@@ -38,6 +38,10 @@ class OptimConfig:
     gamma: float = 0.8  # StepLR decay (paper)
     grad_clip: float = 0.1  # max gradient norm (R2Gen hard-codes 0.1; here it is a setting)
     label_loss_weight: float = 1.0  # weight of the 14-label BCE beside the report cross-entropy
+    # learning-rate multiplier for the parameters that carry the label condition (condition embedding,
+    # label->vocabulary bias, label->memory-slot bias): Adam moves each weight by about lr per step, so at
+    # lr 1e-3 a zero-initialised logit bias needs thousands of steps to matter; the CPU budget has hundreds
+    condition_lr_scale: float = 1.0
     label_forcing: float = 1.0  # memory conditioned on text labels (1) vs predicted probabilities (0) in training
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
     max_bad_steps: int = 20  # consecutive non-finite losses/gradients before training stops
@@ -47,6 +51,9 @@ class OptimConfig:
 class EvalConfig:
     beam_size: int = 3  # beam width when decoding validation/test reports (paper: 3)
     max_len: int = 60  # longest generated report in tokens (IU-Xray 60, MIMIC-CXR 100)
+    # condition guidance weight for validation, evaluate, generate, serve and export (ifnet.decoding.guidance);
+    # 0 = plain beam search
+    guidance: float = 0.0
     # validation metric for model selection (higher is better); "A+B" sums metrics, e.g. BLEU_4+CE_F1_macro
     # so that a template that scores BLEU but says nothing about the image is not what gets kept
     monitor: str = "BLEU_4"

@@ -58,6 +58,11 @@ def resolve_device(name: str) -> torch.device:
     return dev
 
 
+# Parameters that carry the label condition into the report (plus memory.label_to_slot): their own
+# learning rate, optim.lr_rest * optim.condition_lr_scale.
+CONDITION_PARAMETERS = ("condition_proj", "condition_logits")
+
+
 def study_labels(studies: list[Study], label_file: Optional[str]) -> dict[str, np.ndarray]:
     """0/1 label vectors [14] for training: from ``label_file`` where given, else the offline labeler.
 
@@ -152,12 +157,18 @@ class Trainer:
                                                         self.cfg.data, self.device)
         elif self._given_feature_cache is not None:
             raise IFNetError("a feature_cache was given but cache_features is off")
-        visual = [p for n, p in self.model.named_parameters() if n.startswith("extractor.") and p.requires_grad]
-        rest = [p for n, p in self.model.named_parameters() if not n.startswith("extractor.") and p.requires_grad]
+        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+        visual = [p for n, p in named if n.startswith("extractor.")]
+        condition = [p for n, p in named if n.split(".")[0] in CONDITION_PARAMETERS or n == "memory.label_to_slot"]
+        taken = {id(p) for p in visual + condition}
+        rest = [p for n, p in named if id(p) not in taken]
         o = self.cfg.optim
         groups = [{"params": rest, "lr": o.lr_rest}]
+        if condition:
+            groups.append({"params": condition, "lr": o.lr_rest * o.condition_lr_scale})
         if visual:
             groups.insert(0, {"params": visual, "lr": o.lr_visual})
+        self._rest_group = 1 if visual else 0  # the group whose lr the logs report
         self.optimizer = torch.optim.Adam(groups, weight_decay=o.weight_decay, amsgrad=o.amsgrad)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, step_size=o.step_size, gamma=o.gamma)
         self.ddp_model: nn.Module = dist_utils.wrap(self.model, self.dist,
@@ -234,7 +245,7 @@ class Trainer:
             train_stats, step = self._train_epoch(loader, epoch, step)
             self.scheduler.step()
             row = {"epoch": epoch, **{f"train_{k}": v for k, v in train_stats.items()},
-                   "lr": self.optimizer.param_groups[-1]["lr"], "epoch_seconds": time.time() - t0}
+                   "lr": self.optimizer.param_groups[self._rest_group]["lr"], "epoch_seconds": time.time() - t0}
             metrics: dict = {}
             if self.is_main:
                 metrics = self.validate()
@@ -343,7 +354,8 @@ class Trainer:
                           feature_cache=self.feature_cache)
         thresholds = self.calibrate_thresholds(ds)
         preds = decode_studies(self.model, ds, self.tokenizer, cfg.data, device=self.device,
-                               beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len, with_loss=True)
+                               beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
+                               guidance=cfg.eval.guidance, with_loss=True)
         hyps = {p["id"]: p["generated"] for p in preds}
         metrics_list = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "CE") if cfg.eval.meteor else \
             ("BLEU", "ROUGE_L", "CIDEr", "CE")
