@@ -63,6 +63,9 @@ def _untrained_checkpoint(path: Path, attention: str) -> Path:
         "data.iec=clahe", "data.annotation=none.json", "data.image_root=none"])
     torch.manual_seed(1)
     model = IFNet(cfg.model).eval()
+    with torch.no_grad():  # trained models have a non-zero label -> word bias and calibrated thresholds
+        model.condition_logits.weight.normal_(std=0.5)
+        model.set_label_thresholds(torch.linspace(0.3, 0.7, 14))
     return save_checkpoint(path, model, model.config, tokenizer, metadata={"train_config": to_dict(cfg)})
 
 
@@ -139,10 +142,10 @@ def test_tokens_and_step_logits_match_pytorch(tmp_path: Path, iu_synth_images: P
         onnx_enc = onnx_model.encode(images, view_mask)
         torch.testing.assert_close(onnx_enc.label_logits, enc.label_logits, atol=LOGIT_ATOL, rtol=0)
         torch.testing.assert_close(onnx_enc.condition, enc.condition, atol=LOGIT_ATOL, rtol=0)
-        for beam in (1, 3):
-            want = model.decode(enc, beam_size=beam, max_len=12, block_trigrams=False)
-            got = onnx_model.decode(onnx_enc, beam_size=beam, max_len=12, block_trigrams=False)
-            assert torch.equal(got, want), (beam, got, want)
+        for beam, guidance in ((1, 0.0), (3, 0.0), (3, 2.0)):
+            want = model.decode(enc, beam_size=beam, max_len=12, block_trigrams=False, guidance=guidance)
+            got = onnx_model.decode(onnx_enc, beam_size=beam, max_len=12, block_trigrams=False, guidance=guidance)
+            assert torch.equal(got, want), (beam, guidance, got, want)
         # Step by step on the same tokens: logits close, masked (pad, bos) entries identical.
         ref, ort = IFNetDecoder(model), OnnxDecoder(onnx_model)
         ref_state, ort_state = ref.start(enc), ort.start(onnx_enc)

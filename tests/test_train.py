@@ -54,6 +54,22 @@ def test_training_writes_checkpoints_logs_and_provenance(tiny_data, tmp_path):
         prov["versions"]["torch"].startswith(torch.__version__.split("+")[0])
     first_loss = float(rows[1].split(",")[1])
     assert first_loss > 0
+    # The thresholded condition: thresholds chosen on validation, stored with the weights and in the metadata.
+    meta = json.loads((out / "last" / "meta.json").read_text())
+    chosen = meta["metadata"]["val_metrics"]["label_thresholds"]
+    stored = load_file(out / "last" / "model.safetensors")["label_thresholds"]
+    assert [round(chosen[name]["threshold"], 5) for name in chosen] == [round(float(t), 5) for t in stored]
+    assert {row["method"] for row in chosen.values()} <= {"f1", "prevalence"}
+
+
+def test_monitor_sums_metrics_and_names_unknown_ones():
+    from ifnet.errors import IFNetError
+    from ifnet.train.trainer import monitor_score
+
+    assert monitor_score({"BLEU_4": 0.25, "CE_F1_macro": 0.5}, "BLEU_4+CE_F1_macro") == 0.75
+    assert monitor_score({}, "BLEU_4") == float("-inf")  # non-main DDP ranks
+    with pytest.raises(IFNetError, match="CE_F1_macr'.*available: BLEU_4"):
+        monitor_score({"BLEU_4": 0.25}, "BLEU_4+CE_F1_macr")
 
 
 def test_resume_continues_exactly(tiny_data, tmp_path):
