@@ -229,37 +229,34 @@ def test_enhance_fault_keeps_previous_images(world, tmp_path, capsys, fault):
     assert snapshot(out) == before and temp_leftovers(out) == []
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_evaluate_fault_keeps_previous_predictions(world, tmp_path, capsys, fault):
-    inject, reason = FAULTS[fault]
+def _evaluate_case(world: dict, tmp_path: Path) -> tuple[list[str], Path, Path]:
     out = tmp_path / "evaluated"
     shutil.copytree(world["evaluated"], out)
-    before = snapshot(out)
     argv = ["evaluate", "--checkpoint", str(world["run"] / "last"), "--split", "test", "--out", str(out),
             "--no-meteor", "--device", "cpu", "--examples", "1", "--overwrite"]
-    with tiny_cnn(), pytest.MonkeyPatch.context() as m:
-        inject(m, under(out))
-        capsys.readouterr()
-        assert cli_main(argv) == 1
-    line = one_error_line(capsys.readouterr().err, "evaluate")
-    assert str(out / "predictions.json") in line and reason in line
-    assert snapshot(out) == before and temp_leftovers(out) == []
+    return argv, out, out / "predictions.json"
 
 
-@pytest.mark.parametrize("fault", FAULTS)
-def test_label_fault_keeps_previous_labels(world, tmp_path, capsys, fault):
-    inject, reason = FAULTS[fault]
+def _label_case(world: dict, tmp_path: Path) -> tuple[list[str], Path, Path]:
     labels = tmp_path / "labels.json"
     shutil.copy(world["labels"], labels)
-    before = snapshot(tmp_path)
-    with pytest.MonkeyPatch.context() as m:
-        inject(m, under(tmp_path))
+    return ["label", "--annotation", world["data"]["annotation"], "--out", str(labels), "--overwrite"], tmp_path, labels
+
+
+@pytest.mark.parametrize("case", [_evaluate_case, _label_case], ids=["evaluate", "label"])
+@pytest.mark.parametrize("fault", FAULTS)
+def test_command_fault_keeps_previous_outputs(world, tmp_path, capsys, fault, case):
+    """`evaluate` and `label` asked to overwrite their outputs: one error line naming the file, nothing changed."""
+    inject, reason = FAULTS[fault]
+    argv, folder, named = case(world, tmp_path)
+    before = snapshot(folder)
+    with tiny_cnn(), pytest.MonkeyPatch.context() as m:
+        inject(m, under(folder))
         capsys.readouterr()
-        assert cli_main(["label", "--annotation", world["data"]["annotation"], "--out", str(labels),
-                         "--overwrite"]) == 1
-    line = one_error_line(capsys.readouterr().err, "label")
-    assert str(labels) in line and reason in line
-    assert snapshot(tmp_path) == before and temp_leftovers(tmp_path) == []
+        assert cli_main(argv) == 1
+    line = one_error_line(capsys.readouterr().err, argv[0])
+    assert str(named) in line and reason in line
+    assert snapshot(folder) == before and temp_leftovers(folder) == []
 
 
 def test_write_error_is_one_line_and_still_an_oserror(tmp_path):
