@@ -113,7 +113,7 @@ def iu_tokenizer():
     return Tokenizer.build([" ".join(words)], threshold=1), "760 placeholder words (IU-Xray annotation not found)"
 
 
-def build_checkpoint(path: Path, extractor: str, attention: str, tokenizer) -> Path:
+def build_checkpoint(path: Path, extractor: str, attention: str, tokenizer, guidance: float = 0.0) -> Path:
     """A full-size untrained IFNet saved as a checkpoint with a training config (224 px, CLAHE, beam 3)."""
     import torch
 
@@ -126,7 +126,7 @@ def build_checkpoint(path: Path, extractor: str, attention: str, tokenizer) -> P
         f"model.extractor={extractor}", f"model.pretrained={str(extractor == 'efficientnet_lite0').lower()}",
         f"model.transformer.attention={attention}", f"model.vocab_size={len(tokenizer)}",
         "data.image_size=224", "data.iec=clahe", "data.annotation=none", "data.image_root=none",
-        "eval.beam_size=3", "eval.max_len=60"])
+        "eval.beam_size=3", "eval.max_len=60", f"eval.guidance={guidance}"])
     torch.manual_seed(0)
     model = IFNet(cfg.model).eval()
     return save_checkpoint(path, model, model.config, tokenizer, metadata={"train_config": to_dict(cfg)})
@@ -315,6 +315,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--runs", type=int, help="timed runs per variant (default 20; --quick 5)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--guidance", type=float, default=0.0,
+                        help="condition guidance weight of every variant (a second decoder pass per token)")
     parser.add_argument("--extractors", nargs="+", default=list(EXTRACTORS), choices=EXTRACTORS)
     parser.add_argument("--attentions", nargs="+", default=None, choices=ATTENTIONS)
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "latency.json")
@@ -350,7 +352,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             specs = []
             for attention in attentions:
                 name = f"{extractor}-{attention}"
-                ckpt = build_checkpoint(work / name / "ckpt", extractor, attention, tokenizer)
+                ckpt = build_checkpoint(work / name / "ckpt", extractor, attention, tokenizer, args.guidance)
                 t0 = time.time()
                 export_checkpoint(ckpt, work / name / "onnx", int8=True, overwrite=True)
                 print(f"[{time.time() - started:5.0f}s] built and exported {name} ({time.time() - t0:.0f} s export)",
@@ -387,6 +389,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     "load_after": load_average(), "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__},
         "settings": {"threads": args.threads, "runs": runs, "warmup": args.warmup, "beam_size": 3, "max_len": 60,
+                     "guidance": args.guidance,
                      "fixed_decode_length": "eos logit at -inf: every variant decodes 60 tokens x 3 beams",
                      "study": "two views, 512 x 512 uint8 (first synthetic IU-Xray test study, upsampled); "
                               "CLAHE IEC; 224 px model input", "vocabulary": vocab_source,

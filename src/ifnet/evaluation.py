@@ -165,6 +165,6 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     write_page(out / "index.html", f"IFNet evaluation: {split} split ({len(preds)} studies)", page_examples,
                metrics={k: v for k, v in metrics.items()},
                curves_png=Path(checkpoint).parent / "curves.png",
-               notes=[*notes, f"checkpoint {checkpoint}; beam {beam}; "
+               notes=[*notes, f"checkpoint {checkpoint}; beam {beam}; condition guidance {guide:g}; "
                                   f"CE uncertain -> {metrics.get('CE_uncertain', 'positive')}"])
     return {"metrics": metrics, "predictions": rows}
