@@ -12,7 +12,9 @@ untrained: latency depends on shapes, not on weights. The vocabulary is IU-Xray'
 
 Fixed decode length: an untrained model ends its reports at arbitrary points, so every variant decodes with
 the eos logit at -inf, i.e. exactly 60 tokens x 3 beams (IU-Xray's max_len; real reports average ~35 tokens,
-so this is the worst case for the decode stage).
+so this is the worst case for the decode stage). Each run also decodes the *typical* length: the median
+length of the IU-Xray train reports in tokens (eos included, cut at 60), so a table column gives the time of
+a report of ordinary length; the goals are judged at both lengths.
 
 Each variant runs in its own worker process (``torch.set_num_threads(threads)``; ONNX Runtime
 ``intra_op_num_threads=threads``), all workers of one extractor loaded at once and timed round-robin, so load
@@ -48,6 +50,8 @@ EXTRACTORS = ("resnet101", "efficientnet_lite0")
 ATTENTIONS = ("linear", "softmax")
 RUNTIMES = ("pytorch-fp32", "onnxruntime-fp32", "onnxruntime-int8")
 STAGES = ("enhance", "preprocess", "backbone", "memory_encoder", "decode", "total")
+MAX_LEN = 60  # IU-Xray's max_len: the worst case every variant decodes
+TYPICAL_FALLBACK = 36
 GOAL_RESNET_FP32_MS = 300.0
 GOAL_BEST_MS = 150.0
 DOC_START, DOC_END = "<!-- bench:latency:start -->", "<!-- bench:latency:end -->"
@@ -78,8 +82,10 @@ def worker(spec: dict) -> None:
         predictor.predict(views)
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        if line.strip() != "run":
+        command = line.split()
+        if not command or command[0] != "run":
             break
+        predictor.max_len = int(command[1])  # decode exactly this many tokens (eos is never chosen)
         pred = predictor.predict(views)
         tokens = len(predictor.tokenizer.encode(pred.report)) - 2  # bos/eos added by encode
         print(json.dumps({"timings_ms": pred.timings_ms, "words": tokens}), flush=True)
@@ -103,14 +109,19 @@ def _no_eos(decoder_cls):
 # -- models ---------------------------------------------------------------------------------------
 
 def iu_tokenizer():
+    """-> (tokenizer, where its words came from, typical report length in tokens incl. eos, its source)."""
     from ifnet.data.tokenizer import Tokenizer
 
     ann = SHARED / "data" / "iu_xray" / "annotation.json"
     if ann.is_file():
         reports = [e["report"] for e in json.loads(ann.read_text())["train"]]
-        return Tokenizer.build(reports, threshold=3), f"IU-Xray train split ({ann})"
+        tokenizer = Tokenizer.build(reports, threshold=3)
+        lengths = [min(MAX_LEN, len(tokenizer.encode(r)) - 1) for r in reports]  # no bos; eos counts
+        return (tokenizer, f"IU-Xray train split ({ann})", int(statistics.median(lengths)),
+                f"median of the {len(reports)} IU-Xray train reports (eos included, cut at {MAX_LEN})")
     words = [f"word{i}" for i in range(760)]
-    return Tokenizer.build([" ".join(words)], threshold=1), "760 placeholder words (IU-Xray annotation not found)"
+    return (Tokenizer.build([" ".join(words)], threshold=1), "760 placeholder words (IU-Xray annotation not found)",
+            TYPICAL_FALLBACK, "IU-Xray annotation not found: the published median of its findings (~35 words)")
 
 
 def build_checkpoint(path: Path, extractor: str, attention: str, tokenizer, guidance: float = 0.0) -> Path:
@@ -167,8 +178,8 @@ class Worker:
         if not line:
             raise RuntimeError(f"worker {self.spec['name']} died while loading (exit {self.proc.wait()})")
 
-    def run(self) -> dict:
-        self.proc.stdin.write("run\n")
+    def run(self, tokens: int) -> dict:
+        self.proc.stdin.write(f"run {tokens}\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
         if not line:
@@ -181,16 +192,18 @@ class Worker:
             self.proc.wait(timeout=60)
 
 
-def time_group(specs: list[dict], runs: int) -> dict[str, list[dict]]:
+def time_group(specs: list[dict], runs: int, lengths: tuple[int, ...]) -> dict[tuple[str, int], list[dict]]:
+    """Round-robin timing: ``runs`` samples per (variant, decode length)."""
     workers = [Worker(s) for s in specs]
     try:
         for w in workers:
             w.wait_ready()
-        samples: dict[str, list[dict]] = {w.spec["name"]: [] for w in workers}
+        samples: dict[tuple[str, int], list[dict]] = {(w.spec["name"], n): [] for w in workers for n in lengths}
         for r in range(runs):
             order = workers if r % 2 == 0 else workers[::-1]
             for w in order:
-                samples[w.spec["name"]].append(w.run())
+                for n in lengths:
+                    samples[(w.spec["name"], n)].append(w.run(n))
         return samples
     finally:
         for w in workers:
@@ -235,32 +248,38 @@ def quality(checkpoint: Path, work: Path, limit: int, threads: int) -> dict:
 # -- report ---------------------------------------------------------------------------------------
 
 def table(results: list[dict]) -> str:
+    typical = results[0]["typical"]["tokens"] if results else 0
     head = ("| extractor | attention | runtime | total median (ms) | total p90 (ms) | enhance | preprocess | "
-            "backbone | memory+encoder | decode (60 tok x beam 3) |")
-    rows = [head, "|" + "---|" * 10]
+            f"backbone | memory+encoder | decode ({MAX_LEN} tok x beam 3) | total median, {typical} tok (ms) | "
+            f"decode, {typical} tok |")
+    rows = [head, "|" + "---|" * 12]
     for r in results:
-        s = r["stages"]
+        s, t = r["stages"], r["typical"]
         rows.append(f"| {r['extractor']} | {r['attention']} | {r['runtime']} | **{s['total']['median_ms']:.0f}** | "
                     f"{s['total']['p90_ms']:.0f} | " + " | ".join(f"{s[k]['median_ms']:.1f}" for k in STAGES[:-1])
-                    + " |")
+                    + f" | **{t['total']['median_ms']:.0f}** | {t['decode']['median_ms']:.1f} |")
     return "\n".join(rows)
 
 
 def goals(results: list[dict]) -> list[dict]:
-    def total(r):
-        return r["stages"]["total"]["median_ms"]
-
-    resnet = [r for r in results if r["extractor"] == "resnet101" and r["runtime"] == "pytorch-fp32"
-              and r["attention"] == "linear"]
-    best = min(results, key=total) if results else None
+    """Each goal judged at the worst-case length (60 tokens) and at the typical one."""
     out = []
-    if resnet:
-        out.append({"goal": f"ResNet-101 PyTorch fp32 (linear) median <= {GOAL_RESNET_FP32_MS:.0f} ms",
-                    "measured_ms": total(resnet[0]), "pass": total(resnet[0]) <= GOAL_RESNET_FP32_MS})
-    if best:
-        out.append({"goal": f"best deployed variant median <= {GOAL_BEST_MS:.0f} ms",
-                    "variant": f"{best['extractor']} / {best['attention']} / {best['runtime']}",
-                    "measured_ms": total(best), "pass": total(best) <= GOAL_BEST_MS})
+    for key, length in (("stages", f"{MAX_LEN} tokens"), ("typical", "typical length")):
+        def total(r, key=key):
+            return r[key]["total"]["median_ms"]
+
+        if results:
+            length = length if key == "stages" else f"{results[0]['typical']['tokens']} tokens (typical)"
+        resnet = [r for r in results if r["extractor"] == "resnet101" and r["runtime"] == "pytorch-fp32"
+                  and r["attention"] == "linear"]
+        best = min(results, key=total) if results else None
+        if resnet:
+            out.append({"goal": f"ResNet-101 PyTorch fp32 (linear) median <= {GOAL_RESNET_FP32_MS:.0f} ms, {length}",
+                        "measured_ms": total(resnet[0]), "pass": total(resnet[0]) <= GOAL_RESNET_FP32_MS})
+        if best:
+            out.append({"goal": f"best deployed variant median <= {GOAL_BEST_MS:.0f} ms, {length}",
+                        "variant": f"{best['extractor']} / {best['attention']} / {best['runtime']}",
+                        "measured_ms": total(best), "pass": total(best) <= GOAL_BEST_MS})
     return out
 
 
@@ -270,7 +289,9 @@ def write_doc(doc: Path, result: dict) -> None:
     lines = [f"Measured {result['date']} on {result['machine']['cpu']} ({result['machine']['cores']} cores visible), "
              f"{result['settings']['threads']} threads, {result['settings']['runs']} runs per variant after "
              f"{result['settings']['warmup']} warm-up; load average {result['machine']['load_before']} before, "
-             f"{result['machine']['load_after']} after.", "", table(result["results"]), ""]
+             f"{result['machine']['load_after']} after. Decode lengths: {MAX_LEN} tokens (worst case) and "
+             f"{result['settings']['typical_tokens']} tokens ({result['settings']['typical_tokens_source']}); "
+             f"condition guidance weight {result['settings']['guidance']:g}.", "", table(result["results"]), ""]
     for g in result["goals"]:
         extra = f" ({g['variant']})" if "variant" in g else ""
         lines.append(f"- {g['goal']}: **{g['measured_ms']:.0f} ms{extra} -> {'PASS' if g['pass'] else 'FAIL'}**")
@@ -279,7 +300,8 @@ def write_doc(doc: Path, result: dict) -> None:
         c = q["checkpoint"]
         lines += ["", f"int8 vs fp32 on {q['studies']} {q['split']} studies of `{c['data']}` with the trained "
                   f"checkpoint `{c['path']}` ({c['extractor']}, d_model {c['d_model']}, {c['attention']}, epoch {c['epoch']}), "
-                  f"beam {q['beam_size']}:", "",
+                  f"beam {q['beam_size']}, condition guidance {q.get('guidance', 0.0):g} (the checkpoint's, for every "
+                  "variant):", "",
                   "| variant | BLEU-4 | ROUGE-L | CIDEr | CE-F1 micro | CE-F1 macro | same tokens as ORT fp32 |",
                   "|---|---|---|---|---|---|---|"]
         labels = {"fp32": "onnxruntime-fp32", "int8": "onnxruntime-int8", "pytorch": "pytorch-fp32"}
@@ -344,7 +366,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     load_before = load_average()
-    tokenizer, vocab_source = iu_tokenizer()
+    tokenizer, vocab_source, typical, typical_source = iu_tokenizer()
     views = study_views(work)
     results = []
     try:
@@ -361,16 +383,20 @@ def main(argv: Optional[list[str]] = None) -> int:
                     path = ckpt if runtime == "pytorch-fp32" else work / name / "onnx"
                     specs.append({"name": f"{name}-{runtime}", "extractor": extractor, "attention": attention,
                                   "runtime": runtime, "path": str(path), "views": views, "threads": args.threads,
-                                  "beam": 3, "max_len": 60, "warmup": args.warmup})
-            samples = time_group(specs, runs)
+                                  "beam": 3, "max_len": MAX_LEN, "warmup": args.warmup})
+            samples = time_group(specs, runs, (MAX_LEN, typical))
             for spec in specs:
-                stats = summarise(samples[spec["name"]])
+                stats = summarise(samples[(spec["name"], MAX_LEN)])
+                short = summarise(samples[(spec["name"], typical)])
                 results.append({"extractor": spec["extractor"], "attention": spec["attention"],
                                 "runtime": spec["runtime"], "words": stats.pop("words"), "runs": stats.pop("runs"),
-                                "stages": stats})
+                                "stages": stats,
+                                "typical": {"tokens": typical, "words": short["words"], "total": short["total"],
+                                            "decode": short["decode"]}})
                 print(f"[{time.time() - started:5.0f}s] {spec['name']:<44} total median "
                       f"{stats['total']['median_ms']:7.1f} ms  p90 {stats['total']['p90_ms']:7.1f} ms  "
-                      + " ".join(f"{k} {stats[k]['median_ms']:.1f}" for k in STAGES[:-1]), flush=True)
+                      + " ".join(f"{k} {stats[k]['median_ms']:.1f}" for k in STAGES[:-1])
+                      + f"  | {typical} tok: total {short['total']['median_ms']:.1f}", flush=True)
         quality_result: Optional[dict] = None
         if not args.no_quality:
             qc = args.quality_checkpoint or (REPO / "demo-out" / "run" / "best")
@@ -388,9 +414,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "load_before": load_before,
                     "load_after": load_average(), "python": platform.python_version(), "torch": torch.__version__,
                     "onnxruntime": onnxruntime.__version__},
-        "settings": {"threads": args.threads, "runs": runs, "warmup": args.warmup, "beam_size": 3, "max_len": 60,
+        "settings": {"threads": args.threads, "runs": runs, "warmup": args.warmup, "beam_size": 3, "max_len": MAX_LEN,
                      "guidance": args.guidance,
-                     "fixed_decode_length": "eos logit at -inf: every variant decodes 60 tokens x 3 beams",
+                     "fixed_decode_length": f"eos logit at -inf: every variant decodes {MAX_LEN} tokens x 3 beams, "
+                                            f"and, in the same runs, {typical} tokens x 3 beams",
+                     "typical_tokens": typical, "typical_tokens_source": typical_source,
                      "study": "two views, 512 x 512 uint8 (first synthetic IU-Xray test study, upsampled); "
                               "CLAHE IEC; 224 px model input", "vocabulary": vocab_source,
                      "models": "untrained, full size: d_model 512, 3+3 layers, 8 heads, d_ff 512, 2048 memory "

@@ -185,13 +185,21 @@ def test_int8_variant_runs_and_writes_a_report(exported: Path, iu_synth_images: 
     assert manifest["verification"]["int8"]["step_logits_max_abs_diff"] < 0.5
 
 
-def test_compare_reports_metric_change(exported: Path, tiny_checkpoint: Path):
+@pytest.mark.parametrize("guidance", [0.0, 2.0])
+def test_compare_reports_metric_change(exported: Path, tiny_checkpoint: Path, tmp_path: Path, guidance: float):
+    """Every variant, PyTorch included, decodes with the export's guidance weight: same tokens as ORT fp32."""
     from ifnet.export.compare import compare_variants
 
+    folder = tmp_path / "onnx"
+    shutil.copytree(exported, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["decoding"]["guidance"] = guidance
+    (folder / "manifest.json").write_text(json.dumps(manifest))
     data = tiny_checkpoint.parents[1] / "data"
-    report = compare_variants(exported, annotation=data / "annotation.json", image_root=data / "images",
-                              limit=2, checkpoint=tiny_checkpoint, beam_size=1, max_len=10)
+    report = compare_variants(folder, annotation=data / "annotation.json", image_root=data / "images",
+                              limit=2, checkpoint=tiny_checkpoint, beam_size=3, max_len=10)
     assert report["studies"] == 2 and set(report["variants"]) == {"fp32", "int8", "pytorch"}
+    assert report["guidance"] == guidance
     assert report["variants"]["pytorch"]["same_tokens_as_fp32"] == 1.0
     assert set(report["variants"]["int8"]["change_vs_fp32"]) >= {"BLEU_4", "CE_F1_macro"}
 

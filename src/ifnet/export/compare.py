@@ -52,14 +52,16 @@ def compare_variants(export_dir: PathLike, *, annotation: Optional[PathLike] = N
                        data.get("max_tokens", 60), None, train=False)
     beam_size = beam_size or manifest["decoding"]["beam_size"]
     max_len = max_len or manifest["decoding"]["max_len"]
-    decoders = {v: (lambda m: lambda images, mask: m.generate(images, mask, beam_size=beam_size,
-                                                              max_len=max_len))(m) for v, m in models.items()}
+    # every variant decodes with the checkpoint's guidance weight (IFNet.generate's own default is 0)
+    guidance = float(manifest["decoding"].get("guidance", 0.0))
+    decoders = {v: (lambda m: lambda images, mask: m.generate(images, mask, beam_size=beam_size, max_len=max_len,
+                                                              guidance=guidance))(m) for v, m in models.items()}
     if checkpoint is not None:
         from ifnet.models.checkpoint import load_checkpoint
 
         torch_model = load_checkpoint(checkpoint)[0]
         decoders["pytorch"] = lambda images, mask: torch_model.generate(images, mask, beam_size=beam_size,
-                                                                        max_len=max_len)
+                                                                        max_len=max_len, guidance=guidance)
     tokens: dict[str, dict[str, list[int]]] = {v: {} for v in decoders}
     refs: dict[str, str] = {}
     with torch.no_grad(), torch_single_thread():  # quality, not speed: no OpenMP waits on a busy machine
@@ -70,7 +72,7 @@ def compare_variants(export_dir: PathLike, *, annotation: Optional[PathLike] = N
                 tokens[name][item["id"]] = decode(images, mask)[0].tolist()
     cleaner = data.get("cleaner", "iu_xray")
     result: dict = {"split": split, "studies": len(refs), "annotation": str(annotation), "beam_size": beam_size,
-                    "max_len": max_len, "variants": {}}
+                    "max_len": max_len, "guidance": guidance, "variants": {}}
     base = "fp32" if "fp32" in tokens else next(iter(tokens))
     for name, toks in tokens.items():
         hyps = {sid: tokenizer.decode(t) or "." for sid, t in toks.items()}
