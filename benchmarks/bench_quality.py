@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/bench_quality.py                    # part "main" (make bench-quality)
     .venv/bin/python benchmarks/bench_quality.py --part ablations   # IEC none/clahe/adaptive, linear vs softmax
+    .venv/bin/python benchmarks/bench_quality.py --part seeds       # IFNet with 4 seeds: mean +- std per metric
     .venv/bin/python benchmarks/bench_quality.py --smoke            # tiny subset, under a minute, nothing in docs
     .venv/bin/python benchmarks/bench_quality.py --docs-only        # rewrite docs/RESULTS.md from quality.json
 
@@ -61,9 +62,11 @@ SMOKE_OVERRIDES = ["model.num_memory_slots=16", "model.memory_top_k=4", "model.m
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("main", "ablations", "all"), default="main",
+    p.add_argument("--part", choices=("main", "ablations", "all", "seeds"), default="main",
                    help="main: floors, probes, IFNet, text-only floor; ablations: the other IEC variants and softmax "
-                        "attention; all: both (default: %(default)s)")
+                        "attention; all: both; seeds: IFNet trained with --seeds seeds (config seed, +1, ...), "
+                        "mean +- std per metric (default: %(default)s)")
+    p.add_argument("--seeds", type=int, default=4, help="IFNet runs of part seeds (default: %(default)s)")
     p.add_argument("--smoke", action="store_true", help="tiny subset and model, < 1 min; writes only under the cache")
     p.add_argument("--shared", type=Path, default=DEFAULT_SHARED, help="the read-only shared/ folder")
     p.add_argument("--cache-dir", type=Path, default=REPO / "bench-results" / "tmp" / "quality",
@@ -206,6 +209,17 @@ def check_goals(systems: dict, probe: dict) -> dict:
     return goals
 
 
+def seed_summary(runs: dict[str, dict]) -> dict:
+    """Mean, sample standard deviation, min and max over the seed runs of each scalar test metric."""
+    out: dict = {"runs": len(runs), "metrics": {}}
+    keys = [k for k in report_mod.NLG + report_mod.CE if runs and all(k in s for s in runs.values())]
+    for k in keys:
+        vals = np.array([float(s[k]) for s in runs.values()])
+        out["metrics"][k] = {"mean": float(vals.mean()), "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
+                             "min": float(vals.min()), "max": float(vals.max()), "values": vals.tolist()}
+    return out
+
+
 # -- main ---------------------------------------------------------------------------------------------
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -289,7 +303,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         clock.lap("floors a, b")
 
         # IFNet jobs.
-        parts = ("main", "ablations") if args.part == "all" or args.smoke else (args.part,)  # smoke: all plumbing
+        parts = (("main", "ablations", "seeds") if args.smoke  # smoke: all plumbing
+                 else ("main", "ablations") if args.part == "all" else (args.part,))
         specs = []
         base = dict(config_path=str(args.config), overrides=overrides, features_dir=str(feat_dir),
                     test_ids=ids["test"], annotation=str(ann_path), image_root=str(image_root))
@@ -306,6 +321,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             soft = dict(base, overrides=overrides + ["model.transformer.attention=softmax"])
             specs.append(JobSpec(name="IFNet softmax attention", iec=main_iec, out_dir=str(runs / "ifnet_softmax"),
                                  **soft))
+        if "seeds" in parts:
+            for seed in range(cfg.seed, cfg.seed + (2 if args.smoke else args.seeds)):
+                specs.append(JobSpec(name=f"IFNet seed={seed}", iec=main_iec, out_dir=str(runs / f"ifnet_seed{seed}"),
+                                     **dict(base, overrides=overrides + [f"seed={seed}"])))
         jobs = pool.map(train_and_decode, specs, chunksize=1)
         clock.lap("IFNet jobs")
     finally:
@@ -361,6 +380,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "ifnet_jobs": job_info,
         "goals": check_goals(systems, probes[main_iec]) if "main" in parts else {},
     }
+    if "seeds" in parts:
+        result["seeds"] = seed_summary({n: s for n, s in systems.items() if n.startswith("IFNet seed=")})
     merged = _merge(out_path, part_key, result)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(json.dumps(merged, indent=1, default=_json_default) + "\n")
@@ -384,7 +405,7 @@ def _merge(path: Path, part: str, result: dict) -> dict:
     if part == "all":
         merged["parts"].pop("main", None)
         merged["parts"].pop("ablations", None)
-    else:
+    elif part in ("main", "ablations"):
         merged["parts"].pop("all", None)
     merged["parts"][part] = result
     merged["note"] = result["note"]

@@ -106,10 +106,51 @@ def attention_table(parts: dict) -> list[str]:
     return lines
 
 
+SEED_METRICS = ("BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "CE_F1_macro", "CE_F1_micro_13")
+GOAL_METRIC = {"CE_F1_macro >= 3x best floor": "CE_F1_macro", "CE_F1_macro >= 0.9x probe macro-F1": "CE_F1_macro",
+               "BLEU_4 >= 0.165": "BLEU_4", "moonshot CE_F1_macro >= 0.60": "CE_F1_macro",
+               "METEOR not below any floor": "METEOR", "ROUGE_L not below any floor": "ROUGE_L",
+               "CIDEr not below any floor": "CIDEr"}
+
+
+def seeds_tables(parts: dict) -> list[str]:
+    """Part ``seeds``: IFNet per seed, mean +- std, and the goals judged on the mean (targets from part main)."""
+    r = parts.get("seeds")
+    if not r or "seeds" not in r:
+        return []
+    summary = r["seeds"]["metrics"]
+    cols = [m for m in SEED_METRICS if m in summary]
+    lines = [f"Part `seeds`: measured {r['date']}, git `{r['git_revision']}`, wall time **{r['wall_seconds'] / 60:.1f} "
+             f"min**; the same config and features, {r['seeds']['runs']} seeds.", "",
+             _row(["run"] + cols + ["best epoch", "condition", "guidance"]), _row(["---"] + ["---:"] * (len(cols) + 3))]
+    for name, s in r["systems"].items():
+        if name.startswith("IFNet seed="):
+            job = r["ifnet_jobs"].get(name, {})
+            lines.append(_row([name.removeprefix("IFNet ")] + [_f(s.get(m)) for m in cols]
+                              + [job.get("best_epoch", "-"), job.get("condition_mode", "-"), f"{job.get('guidance', 0):g}"]))
+    lines.append(_row(["**mean +- std**"] + [f"**{summary[m]['mean']:.3f} +- {summary[m]['std']:.3f}**" for m in cols]
+                      + ["", "", ""]))
+    main = parts.get("all") or parts.get("main")
+    if main and main.get("goals"):
+        lines += ["", "Goals judged on the mean over seeds (targets from the floors and probe of part "
+                  f"`{main['part']}`):", "", _row(["goal", "mean +- std", "target", "met by the mean", "seeds meeting it"]),
+                  _row(["---", "---:", "---:", "---", "---:"])]
+        for goal, g in main["goals"].items():
+            m = summary.get(GOAL_METRIC.get(goal, ""))
+            if m is None:
+                continue
+            hits = sum(v >= g["target"] for v in m["values"])
+            lines.append(_row([goal, f"{m['mean']:.3f} +- {m['std']:.3f}", _f(g["target"]),
+                               "yes" if m["mean"] >= g["target"] else "**no**", f"{hits} of {len(m['values'])}"]))
+    return lines
+
+
 def console_table(result: dict) -> str:
     out = [BOLD_LINE, "", *systems_table(result)]
     if result.get("goals"):
         out += ["", *goals_table(result)]
+    if result.get("seeds"):
+        out += ["", *seeds_tables({"seeds": result})]
     return "\n".join(out)
 
 
@@ -154,6 +195,9 @@ def generated_section(merged: dict) -> str:
     att = attention_table(parts)
     if att:
         out += ["### Linear vs softmax attention (same config otherwise)", "", *att, ""]
+    seeds = seeds_tables(parts)
+    if seeds:
+        out += ["### Seeds: IFNet's spread", "", *seeds, ""]
     abl = parts.get("ablations")
     if abl:
         out += [f"Part `ablations`: measured {abl['date']}, wall time **{abl['wall_seconds'] / 60:.1f} min**.", ""]
