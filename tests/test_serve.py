@@ -18,6 +18,7 @@ from PIL import Image
 
 from ifnet.cli import main as cli_main
 from ifnet.demo.phantom import make_study
+from ifnet.errors import IFNetError
 from ifnet.inference import Predictor
 from ifnet.labels import OBSERVATIONS
 from ifnet.serve import InferenceQueue, QueueFull, ServeLimits, create_app
@@ -459,3 +460,31 @@ def test_cli_warns_when_listening_beyond_loopback(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert "warning: listening on 0.0.0.0" in err and "no authentication" in err
     assert code != 0
+
+
+# -- serving an ONNX export ------------------------------------------------------------------------------
+
+def test_onnx_export_folder_is_served_with_onnx_runtime(serve_checkpoint: Path, tmp_path: Path, study_pngs,
+                                                        client: TestClient) -> None:
+    """`ifnet serve --checkpoint EXPORT`: the same API, answered by ONNX Runtime (the export's int8 variant)."""
+    from ifnet.data.images import read_xray_bytes
+    from ifnet.export.onnx_export import export_checkpoint
+    from ifnet.export.runtime import OnnxPredictor
+    from ifnet.inference import open_predictor
+
+    folder = tmp_path / "onnx"
+    export_checkpoint(serve_checkpoint, folder, int8=True)
+    assert client.get("/v1/model").json()["runtime"] == "pytorch"
+    with TestClient(create_app(folder)) as onnx_client:
+        info = onnx_client.get("/v1/model").json()
+        assert info["runtime"] == "onnxruntime-int8" and info["device"] == "cpu"
+        assert info["image_size"] == 64 and info["max_views"] == 2 and info["checkpoint"].endswith("/onnx")
+        r = post(onnx_client, {"frontal": ("0.png", study_pngs[0], "image/png"),
+                               "lateral": ("1.png", study_pngs[1], "image/png")})
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        check_report(doc)
+    views = [read_xray_bytes(b, name) for b, name in ((study_pngs[0], "0.png"), (study_pngs[1], "1.png"))]
+    assert doc["report"] == OnnxPredictor(folder).predict(views).report
+    with pytest.raises(IFNetError, match="runs on the CPU"):
+        open_predictor(folder, device="cuda")

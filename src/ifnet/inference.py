@@ -69,6 +69,10 @@ class _StudyPipeline:
     def _encode(self, features: torch.Tensor, view_mask: torch.Tensor, condition: Optional[np.ndarray]):
         raise NotImplementedError
 
+    def describe(self) -> dict:
+        """What the server shows of the loaded model: runtime, extractor, views, input size, IEC, decoding."""
+        raise NotImplementedError
+
     def _predict(self, views: Sequence[np.ndarray], findings: Optional[np.ndarray], heatmap: bool) -> Prediction:
         if not views:
             raise IFNetError("at least one view (the frontal image) is needed")
@@ -150,6 +154,30 @@ class Predictor(_StudyPipeline):
     def _encode(self, features: torch.Tensor, view_mask: torch.Tensor, condition: Optional[np.ndarray]):
         cond = None if condition is None else torch.as_tensor(condition, device=self.device)
         return self.model.encode(None, view_mask, cond, features=features)
+
+    def describe(self) -> dict:
+        return {"runtime": "pytorch", "extractor": self.config.extractor, "max_views": self.max_views,
+                "image_size": self.data_config.image_size, "iec": self.data_config.iec, "beam_size": self.beam_size,
+                "max_len": self.max_len, "guidance": self.guidance, "device": str(self.device)}
+
+
+def is_onnx_export(path: Path | str) -> bool:
+    """True for a folder written by ``ifnet export`` (it holds ``manifest.json``; checkpoints do not)."""
+    return (Path(path) / "manifest.json").is_file()
+
+
+def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
+                   max_len: Optional[int] = None, threads: Optional[int] = None) -> _StudyPipeline:
+    """A :class:`Predictor` for a checkpoint folder, or an ONNX Runtime
+    :class:`~ifnet.export.runtime.OnnxPredictor` for an ``ifnet export`` folder (its default variant, on
+    the CPU with ``threads`` intra-op threads)."""
+    if is_onnx_export(path):
+        if device not in ("auto", "cpu"):
+            raise IFNetError(f"{path}: an ONNX export runs on the CPU (ONNX Runtime); got --device {device}")
+        from ifnet.export.runtime import OnnxPredictor
+
+        return OnnxPredictor(path, beam_size=beam_size, max_len=max_len, threads=threads)
+    return Predictor(path, device=device, beam_size=beam_size, max_len=max_len)
 
 
 def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45) -> bytes:

@@ -17,7 +17,9 @@ HELP = "web page and REST API for a checkpoint"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (e.g. runs/iu/best)")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="checkpoint folder (e.g. runs/iu/best), or an `ifnet export` folder, served with ONNX "
+                             "Runtime (its default variant: int8 if exported with --int8)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every "
                              "interface, with no authentication)")
@@ -30,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-upload-mb", type=float, default=64,
                         help="largest upload, both images together, in MB; larger gets 413 (default 64)")
     parser.add_argument("--threads", type=int,
-                        help="torch CPU threads per worker (default: CPU cores / workers)")
+                        help="CPU threads per worker, torch's or ONNX Runtime's (default: CPU cores / workers)")
     parser.add_argument("--beam-size", type=int, help="beam width (default: the training config's)")
     parser.add_argument("--max-len", type=int, help="maximum report length in tokens")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
@@ -58,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
     _check(args)
     import torch
 
-    from ifnet.inference import Predictor
+    from ifnet.inference import open_predictor
     from ifnet.serve.app import create_app, warm_up
     from ifnet.serve.limits import ServeLimits
     from ifnet.serve.server import LOOPBACK_HOSTS, bind, is_loopback, run_server, url_for
@@ -72,12 +74,15 @@ def run(args: argparse.Namespace) -> int:
               "identifiable patient images over one.", file=sys.stderr)
     sock = bind(args.host, args.port)  # a busy port fails now, not after loading the model
     # Workers share the CPU: each gets its slice of the cores instead of all of them fighting.
-    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.workers))
-    predictor = Predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len)
+    threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
+    torch.set_num_threads(threads)
+    predictor = open_predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
+                               threads=threads)
     warm_up(predictor, limits)
     app = create_app(predictor, limits, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
     url = url_for(sock)
-    print(f"ifnet serve: {args.checkpoint} loaded on {predictor.device}; {args.workers} worker(s), "
+    print(f"ifnet serve: {args.checkpoint} loaded ({predictor.describe()['runtime']}) on {predictor.device}; "
+          f"{args.workers} worker(s), "
           f"queue {args.queue_size}, uploads up to {args.max_upload_mb:g} MB", flush=True)
     print(f"ifnet serve: open {url}  (API: POST {url}v1/reports, schema: {url}openapi.json; Ctrl+C stops)",
           flush=True)

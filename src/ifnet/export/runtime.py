@@ -301,3 +301,9 @@ class OnnxPredictor(_StudyPipeline):
 
     def _encode(self, features: Tensor, view_mask: Tensor, condition: Optional[np.ndarray]) -> OnnxEncoderOutput:
         return self.model.encode_features(features, view_mask, condition)
+
+    def describe(self) -> dict:
+        return {"runtime": f"onnxruntime-{self.model.variant}", "extractor": self.model.manifest["model"]["extractor"],
+                "max_views": self.max_views, "image_size": self.model.image_config.image_size,
+                "iec": self.model.image_config.iec, "beam_size": self.beam_size, "max_len": self.max_len,
+                "guidance": self.guidance, "device": "cpu"}

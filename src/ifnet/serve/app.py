@@ -149,10 +149,7 @@ def _study_from_parts(parts: list[Part], include_images: bool) -> Study:
 
 def _model_info(predictor: Any) -> dict:
     ckpt = Path(predictor.checkpoint)
-    return {"checkpoint": "/".join(ckpt.parts[-2:]), "extractor": predictor.config.extractor,
-            "max_views": predictor.config.max_views, "image_size": predictor.data_config.image_size,
-            "iec": predictor.data_config.iec, "beam_size": predictor.beam_size, "max_len": predictor.max_len,
-            "device": str(predictor.device), "version": __version__}
+    return {"checkpoint": "/".join(ckpt.parts[-2:]), **predictor.describe(), "version": __version__}
 
 
 def _run_study(predictor: Any, study: Study, limits: ServeLimits, submitted: float) -> dict:
@@ -165,8 +162,8 @@ def _run_study(predictor: Any, study: Study, limits: ServeLimits, submitted: flo
     out["views"] = [{"field": u.field, "filename": u.filename, "format": u.format, "width": int(v.shape[1]),
                      "height": int(v.shape[0]), "dtype": str(v.dtype)} for u, v in zip(study.uploads, views)]
     out["warnings"] = []
-    if len(views) > predictor.config.max_views:
-        out["warnings"].append(f"this checkpoint reads {predictor.config.max_views} view(s); "
+    if len(views) > predictor.max_views:
+        out["warnings"].append(f"this checkpoint reads {predictor.max_views} view(s); "
                                "the lateral image was not used")
     timings = {"queue_wait": (started - submitted) * 1000, "image_decode": (decoded - started) * 1000}
     if study.include_images:
@@ -245,15 +242,16 @@ def _read_static(name: str) -> bytes:
 
 def create_app(predictor: Union[Any, str, Path], limits: ServeLimits = ServeLimits(), *,
                device: str = "auto", allowed_hosts: Optional[Sequence[str]] = None) -> FastAPI:
-    """The ASGI app for a :class:`~ifnet.inference.Predictor` (or a checkpoint folder, loaded here, once).
+    """The ASGI app for a :class:`~ifnet.inference.Predictor` or an ONNX Runtime
+    :class:`~ifnet.export.runtime.OnnxPredictor` (or a checkpoint or export folder, loaded here, once).
 
     ``allowed_hosts``: Host header values to accept (e.g. the loopback names, against DNS rebinding
     when the server listens on 127.0.0.1); None accepts any.
     """
     if isinstance(predictor, (str, Path)):
-        from ifnet.inference import Predictor
+        from ifnet.inference import open_predictor
 
-        predictor = Predictor(predictor, device=device)
+        predictor = open_predictor(predictor, device=device)
     queue = InferenceQueue(limits.workers, limits.queue_size)
     info = _model_info(predictor)
     page = {name: _read_static(name) for name in ("index.html", *_STATIC)}

@@ -28,12 +28,14 @@ class ViewInfo(BaseModel):
 
 class ModelInfo(BaseModel):
     checkpoint: str
+    runtime: str = Field(description="pytorch, or onnxruntime-fp32 / onnxruntime-int8 for an `ifnet export` folder")
     extractor: str
     max_views: int
     image_size: int
     iec: str = Field(description="image enhancement the checkpoint was trained with (none, clahe, adaptive)")
     beam_size: int
     max_len: int
+    guidance: float = Field(description="condition guidance weight of the decoding (0: plain beam search)")
     device: str
     version: str
 

@@ -72,7 +72,7 @@
       maxUploadBytes = info.limits.max_upload_bytes;
       const box = $("model-info");
       box.textContent = "Model";
-      for (const text of [info.checkpoint, info.extractor, "IEC " + info.iec, "beam " + info.beam_size, info.device]) {
+      for (const text of [info.checkpoint, info.runtime, info.extractor, "IEC " + info.iec, "beam " + info.beam_size, info.device]) {
         box.append(el("span", { className: "chip", textContent: text }));
       }
       const list = $("observations");
