@@ -265,3 +265,18 @@ def test_cli_export_and_one_line_errors(tiny_checkpoint: Path, tmp_path: Path, c
     assert "same tokens as fp32" in capsys.readouterr().out
     report = json.loads((out / "int8_report.json").read_text())
     assert report["studies"] == 1 and "change_vs_fp32" in report["variants"]["int8"]
+
+
+def test_cli_generate_reads_an_export_folder(exported: Path, tiny_checkpoint: Path, iu_synth_images: Path, capsys):
+    """`ifnet generate --checkpoint EXPORT`: ONNX Runtime writes the report PyTorch writes (fp32 variant here,
+    since the fixture's default variant is int8), with the same --guidance override."""
+    study = sorted(p for p in iu_synth_images.iterdir() if p.is_dir())[0]
+    images = [str(study / "0.png"), str(study / "1.png")]
+    fp32 = OnnxPredictor(exported, variant="fp32", guidance=2.0)
+    want = Predictor(tiny_checkpoint, device="cpu", guidance=2.0).predict([read_xray(p) for p in images])
+    assert fp32.predict([read_xray(p) for p in images]).report == want.report
+    assert cli_main(["generate", "--checkpoint", str(exported), *images, "--json", "--guidance", "2"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["report"] and set(doc["findings"]) == set(want.findings)
+    assert cli_main(["generate", "--checkpoint", str(exported), images[0], "--guidance", "-1"]) == 1
+    assert "--guidance must be a finite number >= 0" in capsys.readouterr().err

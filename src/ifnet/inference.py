@@ -52,6 +52,14 @@ def parse_findings(text: str) -> np.ndarray:
     return vec
 
 
+def guidance_weight(value: Optional[float], default: float) -> float:
+    """The condition guidance weight to decode with: ``value`` if given, else the model's ``default``."""
+    weight = float(default if value is None else value)
+    if not (weight >= 0 and np.isfinite(weight)):
+        raise IFNetError(f"--guidance must be a finite number >= 0, got {value}")
+    return weight
+
+
 class _StudyPipeline:
     """The per-study pipeline shared by :class:`Predictor` (PyTorch) and
     :class:`ifnet.export.runtime.OnnxPredictor` (ONNX Runtime): enhance -> preprocess -> backbone ->
@@ -140,9 +148,7 @@ class Predictor(_StudyPipeline):
         train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
         self.beam_size = beam_size or int(train_eval.get("beam_size", 3))
         self.max_len = max_len or int(train_eval.get("max_len", 60))
-        self.guidance = float(train_eval.get("guidance", 0.0)) if guidance is None else float(guidance)
-        if not (self.guidance >= 0 and np.isfinite(self.guidance)):
-            raise IFNetError(f"--guidance must be a finite number >= 0, got {guidance}")
+        self.guidance = guidance_weight(guidance, train_eval.get("guidance", 0.0))
         self.checkpoint = str(checkpoint)
 
     @torch.no_grad()
@@ -167,7 +173,8 @@ def is_onnx_export(path: Path | str) -> bool:
 
 
 def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
-                   max_len: Optional[int] = None, threads: Optional[int] = None) -> _StudyPipeline:
+                   max_len: Optional[int] = None, guidance: Optional[float] = None,
+                   threads: Optional[int] = None) -> _StudyPipeline:
     """A :class:`Predictor` for a checkpoint folder, or an ONNX Runtime
     :class:`~ifnet.export.runtime.OnnxPredictor` for an ``ifnet export`` folder (its default variant, on
     the CPU with ``threads`` intra-op threads)."""
@@ -176,8 +183,8 @@ def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optiona
             raise IFNetError(f"{path}: an ONNX export runs on the CPU (ONNX Runtime); got --device {device}")
         from ifnet.export.runtime import OnnxPredictor
 
-        return OnnxPredictor(path, beam_size=beam_size, max_len=max_len, threads=threads)
-    return Predictor(path, device=device, beam_size=beam_size, max_len=max_len)
+        return OnnxPredictor(path, beam_size=beam_size, max_len=max_len, guidance=guidance, threads=threads)
+    return Predictor(path, device=device, beam_size=beam_size, max_len=max_len, guidance=guidance)
 
 
 def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45) -> bytes:

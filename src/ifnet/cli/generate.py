@@ -12,7 +12,8 @@ HELP = "write the report for one new study (PNG, JPEG or DICOM)"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", type=Path, required=True, help="checkpoint folder (e.g. runs/iu/best)")
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="checkpoint folder (e.g. runs/iu/best), or an `ifnet export` folder (ONNX Runtime)")
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE",
                         help="the frontal image, then optionally the lateral (PNG, JPEG or DICOM)")
     parser.add_argument("--json", action="store_true", help="print JSON (report, findings, timings) instead of text")
@@ -31,7 +32,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ifnet.data.images import read_xray
-    from ifnet.inference import Predictor, heatmap_overlay_png, parse_findings
+    from ifnet.inference import heatmap_overlay_png, open_predictor, parse_findings
     from ifnet.io_utils import atomic_write_bytes, check_writable_target
 
     if len(args.images) > 2:
@@ -40,8 +41,8 @@ def run(args: argparse.Namespace) -> int:
         check_writable_target(args.heatmap, args.overwrite)
     findings = parse_findings(args.findings) if args.findings is not None else None
     views = [read_xray(p) for p in args.images]  # clear ImageError naming a bad file, before loading the model
-    predictor = Predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
-                          guidance=args.guidance)
+    predictor = open_predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
+                               guidance=args.guidance)
     pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
     if args.heatmap is not None and pred.heatmap is not None:
         atomic_write_bytes(args.heatmap, heatmap_overlay_png(views[0], pred.heatmap))

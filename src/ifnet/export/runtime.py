@@ -24,7 +24,7 @@ from torch import Tensor
 from ifnet.errors import IFNetError
 from ifnet.export.onnx_export import (EXPORT_FORMAT, EXPORT_VERSION, GRAPHS, LABEL_HEAD_FILE, MANIFEST_FILE,
                                       VOCAB_FILE, ExportError, file_sha256)
-from ifnet.inference import Prediction, _StudyPipeline
+from ifnet.inference import Prediction, _StudyPipeline, guidance_weight
 from ifnet.io_utils import PathLike, read_json
 from ifnet.labels import NUM_OBSERVATIONS
 
@@ -280,7 +280,8 @@ class OnnxPredictor(_StudyPipeline):
     (report, findings, condition, timings per stage: enhance, preprocess, backbone, memory_encoder, decode)."""
 
     def __init__(self, folder: PathLike, *, variant: Optional[str] = None, beam_size: Optional[int] = None,
-                 max_len: Optional[int] = None, threads: Optional[int] = None) -> None:
+                 max_len: Optional[int] = None, guidance: Optional[float] = None,
+                 threads: Optional[int] = None) -> None:
         from ifnet.data.transforms import ImageTransform
 
         self.model = OnnxModel(folder, variant=variant, threads=threads)
@@ -289,7 +290,7 @@ class OnnxPredictor(_StudyPipeline):
         self.transform = ImageTransform(self.model.image_config, train=False)
         self.beam_size = beam_size or self.model.decoding["beam_size"]
         self.max_len = max_len or self.model.decoding["max_len"]
-        self.guidance = float(self.model.decoding.get("guidance", 0.0))
+        self.guidance = guidance_weight(guidance, self.model.decoding.get("guidance", 0.0))
         self.checkpoint = str(folder)
 
     @torch.no_grad()
