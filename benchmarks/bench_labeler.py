@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                         "torch_imported": "torch" in sys.modules}
     results["meta"] = {"date": _dt.date.today().isoformat(), "python": platform.python_version(),
                        "platform": platform.machine() or platform.system(),
-                       "cpu_note": f"{os.cpu_count()} CPUs shared with other jobs, so speed is a lower bound"}
+                       "cpu_note": f"{os.cpu_count()} CPUs, 1-minute load average {os.getloadavg()[0]:.2f} at the "
+                                   "end; other jobs on the machine lower the speed"}
 
     for kind in ("impression", "findings"):
         for name, r in results[kind].items():
