@@ -311,8 +311,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs = cache / "runs"
         if "main" in parts:
             specs.append(JobSpec(name="IFNet", iec=main_iec, out_dir=str(runs / "ifnet"), **base))
+            # The text-only floor keeps its epoch on plain beam search: guided validation decoding (the
+            # config's eval.guidance) degenerates for a model that sees no findings. Its test decode still
+            # picks the condition mode and guidance weight on validation, as IFNet's does.
             specs.append(JobSpec(name="floor: text-only (blank images)", iec="none", blank=True,
-                                 out_dir=str(runs / "text_only"), **base))
+                                 out_dir=str(runs / "text_only"),
+                                 **dict(base, overrides=overrides + ["eval.guidance=0"])))
         if "ablations" in parts:
             for kind in IEC_KINDS:
                 if kind != main_iec:
