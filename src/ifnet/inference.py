@@ -168,8 +168,10 @@ class Predictor(_StudyPipeline):
 
 
 def is_onnx_export(path: Path | str) -> bool:
-    """True for a folder written by ``ifnet export`` (it holds ``manifest.json``; checkpoints do not)."""
-    return (Path(path) / "manifest.json").is_file()
+    """True for a folder written by ``ifnet export`` (it holds the export manifest; checkpoints do not)."""
+    from ifnet.export.onnx_export import MANIFEST_FILE
+
+    return (Path(path) / MANIFEST_FILE).is_file()
 
 
 def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
