@@ -14,6 +14,7 @@ from torch import nn
 
 from ifnet.decoding import (
     DEFAULT_MAX_LEN,
+    BeamPool,
     BeamSearchOutput,
     DecodeState,
     DecodingConfig,
@@ -179,6 +180,25 @@ def test_batched_beam_search_equals_one_item_at_a_time(beam_size):
         assert torch.equal(row, single.tokens[0])
         assert (batched.tokens[item, single.tokens.shape[1]:] == PAD).all()
         assert batched.scores[item].item() == pytest.approx(single.scores.item(), abs=1e-6)
+
+
+def test_beam_pool_holds_every_kept_hypothesis_best_first():
+    model = random_markov(items=3, seed=5, eos_boost=0.3)
+    items = torch.arange(3)
+    best = beam_search(model, items, beam_size=4, max_len=10, return_scores=True, **IDS)
+    pool = beam_search(model, items, beam_size=4, max_len=10, return_pool=True, **IDS)
+    assert isinstance(pool, BeamPool) and pool.tokens.shape[:2] == (3, 4) and pool.scores.shape == (3, 4)
+    for item in range(3):
+        first = pool.tokens[item, 0, : best.tokens.shape[1]]
+        assert torch.equal(first, best.tokens[item]) and pool.scores[item, 0] == best.scores[item]
+        scores = pool.scores[item].tolist()
+        assert scores == sorted(scores, reverse=True)
+        seen = set()
+        for r in range(4):
+            tokens = [t for t in pool.tokens[item, r].tolist() if t != PAD]
+            assert tuple(tokens) not in seen  # distinct hypotheses
+            seen.add(tuple(tokens))
+            assert model.log_prob(item, tokens) == pytest.approx(scores[r], abs=1e-5)  # length_penalty 0
 
 
 def test_output_layout_no_bos_eos_kept_pad_after():

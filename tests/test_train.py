@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,6 +18,7 @@ from ifnet.cli import main as cli_main
 from ifnet.config import resolve
 from ifnet.demo.dataset import DemoSplit, write_demo_dataset
 from ifnet.train.config import TrainConfig
+from ifnet.train.data import RepeatFactorSampler, repeat_factors
 from ifnet.train.trainer import Trainer
 
 TINY = [
@@ -72,12 +74,13 @@ def test_monitor_sums_metrics_and_names_unknown_ones():
         monitor_score({"BLEU_4": 0.25}, "BLEU_4+CE_F1_macr")
 
 
-def test_resume_continues_exactly(tiny_data, tmp_path):
+@pytest.mark.parametrize("extra", [(), ("data.repeat_threshold=0.5",)], ids=["shuffle", "repeat-factor"])
+def test_resume_continues_exactly(tiny_data, tmp_path, extra):
     straight = tmp_path / "straight"
-    Trainer(tiny_config(tiny_data), straight).fit()
+    Trainer(tiny_config(tiny_data, *extra), straight).fit()
     split = tmp_path / "split"
-    Trainer(tiny_config(tiny_data, "optim.epochs=1"), split).fit()
-    Trainer(tiny_config(tiny_data), split, resume=True).fit()
+    Trainer(tiny_config(tiny_data, "optim.epochs=1", *extra), split).fit()
+    Trainer(tiny_config(tiny_data, *extra), split, resume=True).fit()
     a = load_file(str(straight / "last" / "model.safetensors"))
     b = load_file(str(split / "last" / "model.safetensors"))
     assert a.keys() == b.keys()
@@ -131,3 +134,50 @@ def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data, tmp_path):
     assert len(sums) == 2 and sums[0] == sums[1]
     # the weights actually moved away from initialisation (several optimiser steps ran on each rank)
     assert (out / "last" / "model.safetensors").is_file()
+
+
+# -- repeat-factor sampling ---------------------------------------------------------------------------
+
+def test_repeat_factors_hand_computed():
+    # finding 0 in 1 of 8 studies (f = 0.125), finding 1 in 4 of 8 (f = 0.5), finding 2 never
+    labels = np.zeros((8, 3))
+    labels[0, 0] = 1
+    labels[[0, 1, 2, 3], 1] = 1
+    r = repeat_factors(labels, threshold=0.5)
+    assert r[0] == pytest.approx(2.0)  # sqrt(0.5 / 0.125), the larger of its two findings' factors
+    assert r[1:].tolist() == [1.0] * 7  # f = threshold -> 1; no findings -> 1
+    with pytest.raises(ValueError, match="threshold"):
+        repeat_factors(labels, threshold=0.0)
+
+
+def test_repeat_factor_sampler_draws_each_study_factor_times_on_average():
+    factors = np.array([1.0, 1.0, 2.5, 4.0, 1.3])
+    sampler = RepeatFactorSampler(factors, seed=7)
+    counts = np.zeros(len(factors))
+    epochs = 2000
+    for epoch in range(epochs):
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        assert len(order) == len(sampler)
+        counts += np.bincount(order, minlength=len(factors))
+        whole = np.bincount(order, minlength=len(factors))
+        assert (whole >= np.floor(factors)).all() and (whole <= np.ceil(factors)).all()
+    np.testing.assert_allclose(counts / epochs, factors, atol=0.05)
+
+
+def test_repeat_factor_sampler_is_a_function_of_seed_and_epoch_and_splits_across_ranks():
+    factors = np.array([1.0, 3.2, 1.0, 1.7, 2.0, 1.0, 1.0])
+    a, b = RepeatFactorSampler(factors, seed=1), RepeatFactorSampler(factors, seed=1)
+    a.set_epoch(3)
+    b.set_epoch(5)
+    b.set_epoch(3)
+    assert list(a) == list(b)
+    a.set_epoch(4)
+    assert list(a) != list(b)
+    ranks = [RepeatFactorSampler(factors, seed=1, num_replicas=2, rank=r) for r in (0, 1)]
+    for r in ranks:
+        r.set_epoch(3)
+    assert len(ranks[0]) == len(ranks[1])
+    whole = list(b)
+    merged = [i for pair in zip(list(ranks[0]), list(ranks[1])) for i in pair]
+    assert merged[: len(whole)] == whole  # the ranks split one shuffled list, padded by wrapping around

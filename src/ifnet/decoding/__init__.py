@@ -44,6 +44,7 @@ class StepModel(Protocol):
 DEFAULT_MAX_LEN: Mapping[str, int] = {"iu_xray": 60, "mimic_cxr": 100}
 
 from ifnet.decoding.search import (  # noqa: E402  (the protocol above is what search.py type-checks against)
+    BeamPool,
     BeamSearchOutput,
     DecodingConfig,
     beam_search,
@@ -53,6 +54,7 @@ from ifnet.decoding.search import (  # noqa: E402  (the protocol above is what s
 
 __all__ = [
     "DEFAULT_MAX_LEN",
+    "BeamPool",
     "BeamSearchOutput",
     "DecodeState",
     "DecodingConfig",

@@ -66,6 +66,13 @@ class BeamSearchOutput(NamedTuple):
     scores: Tensor  # [B] its length-normalised log-probability
 
 
+class BeamPool(NamedTuple):
+    """Every finished hypothesis beam search kept: ``beam_size`` per batch item, best first."""
+
+    tokens: Tensor  # [B, k, L] (layout as BeamSearchOutput.tokens, per hypothesis)
+    scores: Tensor  # [B, k] length-normalised log-probabilities; -inf where fewer than k ended
+
+
 def generate(model: "StepModel", batch_inputs: Any, cfg: Optional[DecodingConfig] = None, *,
              bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> Tensor:
     """Decode with ``cfg`` (default ``DecodingConfig()``), condition-guided when ``cfg.guidance > 0``: greedy when ``beam_size == 1`` and there is
@@ -188,11 +195,14 @@ def greedy_decode(model: "StepModel", batch_inputs: Any, *, bos_id: int, eos_id:
 def beam_search(model: "StepModel", batch_inputs: Any, *, beam_size: int = 3, bos_id: int, eos_id: int,
                 max_len: int, length_penalty: float = 0.0, block_trigrams: bool = True,
                 trigram_penalty: float = math.inf, pad_id: int = PAD_ID,
-                return_scores: bool = False) -> Union[Tensor, BeamSearchOutput]:
+                return_scores: bool = False, return_pool: bool = False
+                ) -> Union[Tensor, BeamSearchOutput, BeamPool]:
     """Batched beam search over ``B x beam_size`` rows; returns the best hypothesis per batch item.
 
     Returns tokens [B, L] (no bos; eos kept; pad after it), or ``BeamSearchOutput(tokens, scores)``
-    with ``return_scores=True``. Scoring, stopping and ``length_penalty``: see the module docstring.
+    with ``return_scores=True``, or with ``return_pool=True`` all ``beam_size`` finished hypotheses per
+    item as a :class:`BeamPool` (for reranking). Scoring, stopping and ``length_penalty``: see the module
+    docstring.
     """
     _check_args(max_len, trigram_penalty)
     if beam_size < 1:
@@ -258,6 +268,9 @@ def beam_search(model: "StepModel", batch_inputs: Any, *, beam_size: int = 3, bo
         open_scores = torch.where(done.unsqueeze(1), neg_inf, alive_scores / _length_norm(length, length_penalty))
         pool_scores, pool_tokens = _merge_pool(pool_scores, pool_tokens, open_scores, alive_tokens, pad_id)
 
+    if return_pool:
+        flat = _trim(pool_tokens.reshape(batch * k, max_len), pad_id)
+        return BeamPool(flat.reshape(batch, k, -1), pool_scores)
     tokens = _trim(pool_tokens[:, 0], pad_id)
     return BeamSearchOutput(tokens, pool_scores[:, 0]) if return_scores else tokens
 

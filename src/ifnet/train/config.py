@@ -25,6 +25,9 @@ class DataConfig:
     batch_size: int = 16  # studies per optimisation step (per process under torchrun)
     num_workers: int = 2  # DataLoader worker processes
     val_limit: Optional[int] = None  # decode only the first N validation studies each epoch (None: all)
+    # repeat-factor sampling (LVIS): a study with a finding present in a fraction f < repeat_threshold of
+    # the training studies is drawn sqrt(repeat_threshold / f) times per epoch on average; None = plain shuffle
+    repeat_threshold: Optional[float] = None
 
 
 @dataclass

@@ -6,7 +6,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ifnet.data.annotation import Study
 from ifnet.data.dataset import ReportDataset, collate
@@ -71,6 +71,58 @@ def make_dataset(studies: Sequence[Study], d: DataConfig, tokenizer: Tokenizer,
     return ReportDataset(studies, d.image_root, tokenizer, image_config(d), d.max_tokens, labels, train=train)
 
 
+def repeat_factors(labels: np.ndarray, threshold: float) -> np.ndarray:
+    """Per-study repeat factors of LVIS repeat-factor sampling (Gupta et al., 2019) for ``labels [N, L]`` 0/1.
+
+    A finding present in a fraction ``f`` of the training studies has ``r = max(1, sqrt(threshold / f))``;
+    a study repeats by the largest ``r`` among its findings (1 for a study with none). Findings rarer than
+    ``threshold`` are thus seen more often, and common ones, and normal studies, as before. Pass only the
+    findings (IU-Xray: the 13 observations other than No Finding): "normal" is not a rare class to boost.
+    """
+    labels = np.asarray(labels) > 0.5
+    if labels.ndim != 2:
+        raise ValueError(f"labels must be [N, L], got shape {labels.shape}")
+    if not threshold > 0:
+        raise ValueError(f"repeat threshold must be > 0, got {threshold}")
+    freq = labels.mean(axis=0)
+    per_label = np.where(freq > 0, np.sqrt(threshold / np.maximum(freq, 1e-12)), 1.0)
+    per_label = np.maximum(per_label, 1.0)
+    return np.where(labels, per_label[None, :], 1.0).max(axis=1, initial=1.0)
+
+
+class RepeatFactorSampler(Sampler[int]):
+    """Shuffled epochs in which study ``i`` appears ``factors[i]`` times on average (stochastic rounding).
+
+    The epoch's draw is a function of ``(seed, epoch)`` alone (call :meth:`set_epoch`, as the trainer does),
+    so a resumed run sees the same epochs. Under DDP each of ``num_replicas`` ranks takes every
+    ``num_replicas``-th index of the same shuffled list, padded to equal length as DistributedSampler does.
+    """
+
+    def __init__(self, factors: np.ndarray, *, seed: int, num_replicas: int = 1, rank: int = 0) -> None:
+        self.factors = np.asarray(factors, dtype=np.float64)
+        if self.factors.ndim != 1 or (self.factors < 1).any():
+            raise ValueError("repeat factors must be a 1-D array of values >= 1")
+        self.seed, self.num_replicas, self.rank = int(seed), int(num_replicas), int(rank)
+        self.set_epoch(0)
+
+    def set_epoch(self, epoch: int) -> None:
+        rng = np.random.default_rng([self.seed, int(epoch)])
+        whole = np.floor(self.factors)
+        counts = whole + (rng.random(len(self.factors)) < self.factors - whole)
+        order = np.repeat(np.arange(len(self.factors)), counts.astype(np.int64))
+        rng.shuffle(order)
+        if self.num_replicas > 1:
+            order = np.resize(order, -(-len(order) // self.num_replicas) * self.num_replicas)
+            order = order[self.rank::self.num_replicas]
+        self._order = order.tolist()
+
+    def __iter__(self):  # type: ignore[no-untyped-def]
+        return iter(self._order)
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
 def _seed_worker(worker_id: int) -> None:
     # torch seeds each worker from the loader's generator; numpy follows torch so any numpy
     # randomness in transforms is reproducible too.
@@ -78,12 +130,16 @@ def _seed_worker(worker_id: int) -> None:
 
 
 def build_loader(ds: Dataset, d: DataConfig, *, train: bool, seed: int, dist: Optional[DistInfo] = None,
-                 batch_size: Optional[int] = None) -> DataLoader:
-    """Shuffled, seeded loader for training (a DistributedSampler under torchrun); ordered otherwise."""
+                 batch_size: Optional[int] = None, factors: Optional[np.ndarray] = None) -> DataLoader:
+    """Shuffled, seeded loader for training (a DistributedSampler under torchrun); ordered otherwise.
+    ``factors`` (training only): per-study repeat factors for a :class:`RepeatFactorSampler`."""
     g = torch.Generator()
     g.manual_seed(seed)
-    sampler = None
-    if dist is not None and dist.enabled and train:
+    sampler: Optional[Sampler[int]] = None
+    if factors is not None and train:
+        world = (dist.world_size, dist.rank) if dist is not None and dist.enabled else (1, 0)
+        sampler = RepeatFactorSampler(factors, seed=seed, num_replicas=world[0], rank=world[1])
+    elif dist is not None and dist.enabled and train:
         sampler = DistributedSampler(ds, num_replicas=dist.world_size, rank=dist.rank, shuffle=True, seed=seed)
     workers = 0 if isinstance(ds, CachedFeatureDataset) else d.num_workers
     return DataLoader(ds, batch_size=batch_size or d.batch_size, shuffle=train and sampler is None,

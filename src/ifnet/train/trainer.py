@@ -29,7 +29,7 @@ from ifnet.models.checkpoint import load_checkpoint, load_training_state, recove
 from ifnet.models.ifnet import IFNet, compute_losses
 from ifnet.train import distributed as dist_utils
 from ifnet.train.config import TrainConfig
-from ifnet.train.data import build_loader, make_dataset
+from ifnet.train.data import build_loader, make_dataset, repeat_factors
 from ifnet.train.logs import MetricsLog, plot_curves
 from ifnet.train.runinfo import run_provenance, seed_everything
 
@@ -230,7 +230,11 @@ class Trainer:
                 log.load(upto_epoch=start_epoch - 1)
         train_ds = make_dataset(self.train_studies, cfg.data, self.tokenizer, self.labels, train=True,
                                 feature_cache=self.feature_cache)
-        loader = build_loader(train_ds, cfg.data, train=True, seed=cfg.seed, dist=self.dist)
+        factors = None
+        if cfg.data.repeat_threshold is not None:
+            findings = np.stack([self.labels[s.id] for s in self.train_studies])[:, :NUM_OBSERVATIONS - 1]
+            factors = repeat_factors(findings, cfg.data.repeat_threshold)
+        loader = build_loader(train_ds, cfg.data, train=True, seed=cfg.seed, dist=self.dist, factors=factors)
         epoch = start_epoch - 1
         # Consecutive non-finite steps, counted across epoch boundaries: a run whose epochs are shorter
         # than optim.max_bad_steps must still stop when every step fails.
