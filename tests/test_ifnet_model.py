@@ -74,6 +74,27 @@ def test_caption_loss_ignores_padding():
     assert torch.equal(compute_losses(out, b["tokens"])["caption"], compute_losses(changed, b["tokens"])["caption"])
 
 
+def test_study_weights_make_the_label_loss_a_weighted_mean_over_studies():
+    m = make_model()
+    b = make_batch()
+    with torch.no_grad():
+        out = m(b["images"], b["view_mask"], b["tokens"], b["labels"])
+    plain = compute_losses(out, b["tokens"], b["labels"])
+    ones = compute_losses(out, b["tokens"], b["labels"], study_weights=torch.ones(3))
+    assert torch.allclose(plain["labels"], ones["labels"]) and torch.equal(plain["caption"], ones["caption"])
+    per_study = torch.nn.functional.binary_cross_entropy_with_logits(out.label_logits, b["labels"],
+                                                                     reduction="none").mean(1)
+    w = torch.tensor([1.0, 0.25, 0.5])
+    weighted = compute_losses(out, b["tokens"], b["labels"], study_weights=w)
+    assert torch.allclose(weighted["labels"], (per_study * w).sum() / w.sum())
+    # a study repeated r times with weight 1/r counts as much as it did once with weight 1
+    idx = [0, 1, 1, 1, 1, 2]
+    repeated = out._replace(logits=out.logits[idx], label_logits=out.label_logits[idx])
+    doubled = compute_losses(repeated, b["tokens"][idx], b["labels"][idx],
+                             study_weights=torch.tensor([1.0, 0.25, 0.25, 0.25, 0.25, 1.0]))
+    assert torch.allclose(doubled["labels"], plain["labels"])
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_a_missing_views_pixels_cannot_change_anything(training):
     """Even in training mode (BatchNorm batch statistics), a masked view never reaches the outputs."""

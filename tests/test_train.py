@@ -74,7 +74,8 @@ def test_monitor_sums_metrics_and_names_unknown_ones():
         monitor_score({"BLEU_4": 0.25}, "BLEU_4+CE_F1_macr")
 
 
-@pytest.mark.parametrize("extra", [(), ("data.repeat_threshold=0.5",)], ids=["shuffle", "repeat-factor"])
+@pytest.mark.parametrize("extra", [(), ("data.repeat_threshold=0.5", "data.repeat_reweight_labels=true")],
+                         ids=["shuffle", "repeat-factor"])
 def test_resume_continues_exactly(tiny_data, tmp_path, extra):
     straight = tmp_path / "straight"
     Trainer(tiny_config(tiny_data, *extra), straight).fit()

@@ -486,10 +486,12 @@ class IFNetDecoder:
 
 
 def compute_losses(output: IFNetOutput, tokens: Tensor, labels: Optional[Tensor] = None, *,
-                   label_loss_weight: float = 1.0) -> dict[str, Tensor]:
+                   label_loss_weight: float = 1.0, study_weights: Optional[Tensor] = None) -> dict[str, Tensor]:
     """Caption cross-entropy (mean over non-pad target tokens) + ``label_loss_weight`` x label BCE.
 
     ``labels [B, 14]`` are the text encoder's 0/1 labels; without them only the caption loss counts.
+    ``study_weights [B]`` (> 0) make the label BCE a weighted mean over studies (e.g. 1 / repeat factor,
+    so that a label head trained on resampled epochs still learns the original prevalence).
     Returns ``{"caption", "labels", "total"}``.
     """
     targets = tokens[:, 1:]
@@ -497,8 +499,13 @@ def compute_losses(output: IFNetOutput, tokens: Tensor, labels: Optional[Tensor]
                               ignore_index=PAD_ID)
     if labels is None:
         label_loss = caption.new_zeros(())
-    else:
+    elif study_weights is None:
         label_loss = F.binary_cross_entropy_with_logits(output.label_logits.float(), labels.float())
+    else:
+        per_study = F.binary_cross_entropy_with_logits(output.label_logits.float(), labels.float(),
+                                                       reduction="none").mean(dim=1)
+        w = study_weights.to(per_study)
+        label_loss = (per_study * w).sum() / w.sum()
     return {"caption": caption, "labels": label_loss, "total": caption + label_loss_weight * label_loss}
 
 

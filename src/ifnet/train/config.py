@@ -28,6 +28,9 @@ class DataConfig:
     # repeat-factor sampling (LVIS): a study with a finding present in a fraction f < repeat_threshold of
     # the training studies is drawn sqrt(repeat_threshold / f) times per epoch on average; None = plain shuffle
     repeat_threshold: Optional[float] = None
+    # with repeat_threshold: weight each study's label loss by 1 / its repeat factor, so the label head
+    # learns the training prevalence while the decoder sees rare findings more often
+    repeat_reweight_labels: bool = False
 
 
 @dataclass

@@ -99,6 +99,8 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
+    _study_weight: Optional[dict[str, float]] = None  # per-study label-loss weights (repeat-factor sampling)
+
     def __init__(self, config: TrainConfig, out_dir: Path, *, resume: bool = False,
                  feature_cache: Any = None) -> None:
         """``feature_cache``: precomputed backbone features (anything with ``get(study_id) -> (features
@@ -231,9 +233,12 @@ class Trainer:
         train_ds = make_dataset(self.train_studies, cfg.data, self.tokenizer, self.labels, train=True,
                                 feature_cache=self.feature_cache)
         factors = None
+        self._study_weight = None
         if cfg.data.repeat_threshold is not None:
             findings = np.stack([self.labels[s.id] for s in self.train_studies])[:, :NUM_OBSERVATIONS - 1]
             factors = repeat_factors(findings, cfg.data.repeat_threshold)
+            if cfg.data.repeat_reweight_labels:
+                self._study_weight = {s.id: 1.0 / float(r) for s, r in zip(self.train_studies, factors)}
         loader = build_loader(train_ds, cfg.data, train=True, seed=cfg.seed, dist=self.dist, factors=factors)
         epoch = start_epoch - 1
         # Consecutive non-finite steps, counted across epoch boundaries: a run whose epochs are shorter
@@ -312,7 +317,10 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
                 out = self.ddp_model(x.get("images"), x["view_mask"], x["tokens"], x["labels"],
                                      features=x.get("features"), label_forcing=o.label_forcing)
-                losses = compute_losses(out, x["tokens"], x["labels"], label_loss_weight=o.label_loss_weight)
+                weights = None if self._study_weight is None else \
+                    torch.tensor([self._study_weight[i] for i in batch["ids"]], device=self.device)
+                losses = compute_losses(out, x["tokens"], x["labels"], label_loss_weight=o.label_loss_weight,
+                                        study_weights=weights)
             self.optimizer.zero_grad(set_to_none=True)
             loss = losses["total"]
             ok = bool(torch.isfinite(loss))
