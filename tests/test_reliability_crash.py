@@ -307,7 +307,9 @@ def test_kill_at_random_times_then_resume_is_exact(crash_env):
     kills, trials = 0, 0
     while kills < 3:
         trials += 1
-        assert trials <= 3, f"only {kills} random kills landed in {trials - 1} runs"
+        # A kill drawn after the run already finished is a miss, not a failure: the epoch-time estimate
+        # comes from the reference run, and a later run can be faster on a machine whose load changed.
+        assert trials <= 6, f"only {kills} random kills landed in {trials - 1} runs"
         out = crash_env["root"] / f"random{trials}"
         for _attempt in range(10):
             done = load_training_state(out / "last")["epoch"] if (out / "last").exists() else 0  # before the child runs
@@ -317,7 +319,7 @@ def test_kill_at_random_times_then_resume_is_exact(crash_env):
                 while not ready.exists() and time.time() < deadline:
                     time.sleep(0.01)
                 # A random moment while this attempt still has work left.
-                time.sleep(rng.uniform(0.05, 0.85) * epoch_seconds * (EPOCHS - done))
+                time.sleep(rng.uniform(0.05, 0.6) * epoch_seconds * (EPOCHS - done))
                 os.kill(pid, signal.SIGKILL)  # a no-op on a run that already finished (not yet reaped)
             rc = z.wait(pid)
             if rc == -signal.SIGKILL:
