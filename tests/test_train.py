@@ -120,6 +120,21 @@ def test_misspelled_config_key_is_an_error(tiny_data, tmp_path, capsys):
     assert "unknown key(s) optim.epoch" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("setting, message", [
+    (("data.repeat_threshold=0",), "data.repeat_threshold must be > 0, got 0.0"),
+    (("data.repeat_reweight_labels=true",), "data.repeat_reweight_labels needs data.repeat_threshold"),
+])
+def test_bad_repeat_factor_settings_are_one_line_errors_before_anything_is_written(tiny_data, tmp_path, capsys,
+                                                                                    setting, message):
+    out = tmp_path / "r"
+    args = ["train", "--out", str(out)] + [a for s in TINY + [f"data.annotation={tiny_data['annotation']}",
+            f"data.image_root={tiny_data['image_root']}", *setting] for a in ("--set", s)]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data, tmp_path):
     out = tmp_path / "ddp"
     sets = [a for s in TINY + ["optim.epochs=1", "data.batch_size=4", f"data.annotation={tiny_data['annotation']}",

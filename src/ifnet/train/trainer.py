@@ -99,8 +99,6 @@ def _set_rng_state(state: dict[str, Any]) -> None:
 
 
 class Trainer:
-    _study_weight: Optional[dict[str, float]] = None  # per-study label-loss weights (repeat-factor sampling)
-
     def __init__(self, config: TrainConfig, out_dir: Path, *, resume: bool = False,
                  feature_cache: Any = None) -> None:
         """``feature_cache``: precomputed backbone features (anything with ``get(study_id) -> (features
@@ -136,11 +134,29 @@ class Trainer:
             self.tokenizer = Tokenizer.build([s.report for s in self.train_studies], cleaner=d.cleaner,
                                              threshold=d.vocab_threshold)
         self.labels = study_labels(self.train_studies + self.val_studies, d.labels)
+        self._set_repeat_factors()
         self.val_refs = {s.id: s.report for s in self.val_studies[: d.val_limit or None]}
         from ifnet.metrics.scoring import reference_labels
 
         # Reference labels of the validation reports, computed once (CE each epoch compares against them).
         self.val_ref_codes = reference_labels(self.val_refs, cleaner=d.cleaner) if self.val_refs else None
+
+    def _set_repeat_factors(self) -> None:
+        """Per-study repeat factors of the training studies (``data.repeat_threshold``; None: plain shuffle)
+        and, with ``data.repeat_reweight_labels``, their label-loss weights 1 / factor by study id."""
+        d = self.cfg.data
+        self.repeat_factors: Optional[np.ndarray] = None
+        self.label_loss_weights: Optional[dict[str, float]] = None
+        if d.repeat_threshold is None:
+            if d.repeat_reweight_labels:
+                raise IFNetError("data.repeat_reweight_labels needs data.repeat_threshold (repeat-factor sampling)")
+            return
+        if not d.repeat_threshold > 0:
+            raise IFNetError(f"data.repeat_threshold must be > 0, got {d.repeat_threshold}")
+        findings = np.stack([self.labels[s.id] for s in self.train_studies])[:, :NUM_OBSERVATIONS - 1]
+        self.repeat_factors = repeat_factors(findings, d.repeat_threshold)
+        if d.repeat_reweight_labels:
+            self.label_loss_weights = {s.id: 1.0 / float(r) for s, r in zip(self.train_studies, self.repeat_factors)}
 
     def _build_model(self) -> None:
         mcfg = replace(self.cfg.model, vocab_size=len(self.tokenizer), max_views=self.cfg.data.max_views)
@@ -232,14 +248,8 @@ class Trainer:
                 log.load(upto_epoch=start_epoch - 1)
         train_ds = make_dataset(self.train_studies, cfg.data, self.tokenizer, self.labels, train=True,
                                 feature_cache=self.feature_cache)
-        factors = None
-        self._study_weight = None
-        if cfg.data.repeat_threshold is not None:
-            findings = np.stack([self.labels[s.id] for s in self.train_studies])[:, :NUM_OBSERVATIONS - 1]
-            factors = repeat_factors(findings, cfg.data.repeat_threshold)
-            if cfg.data.repeat_reweight_labels:
-                self._study_weight = {s.id: 1.0 / float(r) for s, r in zip(self.train_studies, factors)}
-        loader = build_loader(train_ds, cfg.data, train=True, seed=cfg.seed, dist=self.dist, factors=factors)
+        loader = build_loader(train_ds, cfg.data, train=True, seed=cfg.seed, dist=self.dist,
+                              factors=self.repeat_factors)
         epoch = start_epoch - 1
         # Consecutive non-finite steps, counted across epoch boundaries: a run whose epochs are shorter
         # than optim.max_bad_steps must still stop when every step fails.
@@ -317,8 +327,8 @@ class Trainer:
             with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.use_amp):
                 out = self.ddp_model(x.get("images"), x["view_mask"], x["tokens"], x["labels"],
                                      features=x.get("features"), label_forcing=o.label_forcing)
-                weights = None if self._study_weight is None else \
-                    torch.tensor([self._study_weight[i] for i in batch["ids"]], device=self.device)
+                weights = None if self.label_loss_weights is None else \
+                    torch.tensor([self.label_loss_weights[i] for i in batch["ids"]], device=self.device)
                 losses = compute_losses(out, x["tokens"], x["labels"], label_loss_weight=o.label_loss_weight,
                                         study_weights=weights)
             self.optimizer.zero_grad(set_to_none=True)
