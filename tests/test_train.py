@@ -91,6 +91,54 @@ def test_resume_continues_exactly(tiny_data, tmp_path, extra):
     assert (split / "metrics.csv").read_text().count("\n") == 3
 
 
+def _write_labels(path: Path, labels: dict) -> str:
+    path.write_text(json.dumps({"labels": {k: [int(v) for v in row] for k, row in labels.items()}}))
+    return str(path)
+
+
+def test_head_labels_train_the_label_head_alone(tiny_data, tmp_path):
+    base = Trainer(tiny_config(tiny_data, "optim.epochs=1"), tmp_path / "base")
+    # The same labels given as head_labels: the run is unchanged, bit for bit.
+    same = _write_labels(tmp_path / "same.json", base.labels)
+    base.fit()
+    again = Trainer(tiny_config(tiny_data, "optim.epochs=1", f"data.head_labels={same}"), tmp_path / "again")
+    again.fit()
+    a, b = (load_file(str(tmp_path / r / "last" / "model.safetensors")) for r in ("base", "again"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Every finding positive for the head only: the head learns it, the condition labels stay the labeler's.
+    ones = _write_labels(tmp_path / "ones.json", {k: np.ones(14) for k in base.labels})
+    run = Trainer(tiny_config(tiny_data, "optim.epochs=2", "optim.label_loss_weight=20", f"data.head_labels={ones}"),
+                  tmp_path / "ones")
+    assert run.labels.keys() == base.labels.keys()
+    assert all(np.array_equal(run.labels[k], base.labels[k]) for k in base.labels)
+    run.fit()
+    # Validation AUC against the head's own targets is logged beside the one against the condition labels;
+    # with identical labels they agree, and an all-positive target (no AUC defined) is left out, not NaN.
+    import csv
+
+    logged = {r: list(csv.DictReader((tmp_path / r / "metrics.csv").open())) for r in ("base", "again", "ones")}
+    assert "val_head_label_auc" not in logged["base"][0] and "val_head_label_auc" not in logged["ones"][0]
+    assert logged["again"][0]["val_head_label_auc"] == logged["again"][0]["val_label_auc"] != ""
+    from ifnet.evaluation import label_probabilities
+    from ifnet.train.data import make_dataset
+
+    def val_probs(trainer: Trainer) -> np.ndarray:
+        ds = make_dataset(trainer.val_studies, trainer.cfg.data, trainer.tokenizer, trainer.labels, train=False)
+        return label_probabilities(trainer.model, ds, trainer.cfg.data, device=trainer.device)[1]
+
+    assert val_probs(run).min() > 0.5 > val_probs(base).min()
+
+
+def test_bad_head_labels_file_is_a_one_line_error(tiny_data, tmp_path, capsys):
+    bad = tmp_path / "head.json"
+    bad.write_text(json.dumps({"labels": {"s1": [1] * 13}}))
+    args = ["train", "--out", str(tmp_path / "r")] + [a for s in TINY + [f"data.annotation={tiny_data['annotation']}",
+            f"data.image_root={tiny_data['image_root']}", f"data.head_labels={bad}"] for a in ("--set", s)]
+    assert cli_main(args) == 1
+    err = capsys.readouterr().err
+    assert "head.json" in err and "expected a list of 14 labels" in err and "Traceback" not in err
+
+
 def test_test_split_is_never_read_during_training(tiny_data, tmp_path):
     # Corrupt every test image: training must not notice, because it never opens the test split.
     data = tmp_path / "data"

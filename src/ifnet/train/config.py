@@ -13,6 +13,9 @@ class DataConfig:
     annotation: str = ""  # R2Gen-format annotation.json
     image_root: str = ""  # folder the annotation's image_path entries are relative to
     labels: Optional[str] = None  # 14-label JSON for train/val; studies without one are labelled by the offline labeler
+    # 14-label JSON the label head alone learns, when it should differ from the condition the decoder is
+    # trained with (e.g. labels of the section the images show); studies without an entry use data.labels
+    head_labels: Optional[str] = None
     cleaner: str = "iu_xray"  # R2Gen report cleaning: iu_xray or mimic_cxr (scores compare with papers only if it matches)
     vocab_threshold: int = 3  # words seen fewer times in train become <unk> (R2Gen: 3 IU-Xray, 10 MIMIC-CXR)
     max_tokens: int = 60  # words kept per training report (R2Gen's max_seq_length)

@@ -91,7 +91,8 @@ def plot_curves(rows: list[Mapping[str, float]], out_png: Path, *, title: str = 
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
     ax_loss.grid(alpha=0.3)
-    for key in ("val_BLEU_4", "val_METEOR", "val_ROUGE_L", "val_CIDEr", "val_CE_F1_macro", "val_label_auc"):
+    for key in ("val_BLEU_4", "val_METEOR", "val_ROUGE_L", "val_CIDEr", "val_CE_F1_macro", "val_label_auc",
+                "val_head_label_auc"):
         ys = [r.get(key, math.nan) for r in rows]
         if any(math.isfinite(y) for y in ys):
             ax_metric.plot(epochs, ys, marker="o", label=key[4:])
