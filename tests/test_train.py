@@ -129,14 +129,19 @@ def test_head_labels_train_the_label_head_alone(tiny_data, tmp_path):
     assert val_probs(run).min() > 0.5 > val_probs(base).min()
 
 
-def test_bad_head_labels_file_is_a_one_line_error(tiny_data, tmp_path, capsys):
+@pytest.mark.parametrize("content, message", [
+    ({"labels": {"s1": [1] * 13}}, "expected a list of 14 labels"),
+    ({"labels": {"not-a-study": [1] * 14}}, "holds labels for none of the 16 training studies"),
+], ids=["malformed", "no-training-study"])
+def test_bad_head_labels_file_is_a_one_line_error(tiny_data, tmp_path, capsys, content, message):
     bad = tmp_path / "head.json"
-    bad.write_text(json.dumps({"labels": {"s1": [1] * 13}}))
+    bad.write_text(json.dumps(content))
     args = ["train", "--out", str(tmp_path / "r")] + [a for s in TINY + [f"data.annotation={tiny_data['annotation']}",
             f"data.image_root={tiny_data['image_root']}", f"data.head_labels={bad}"] for a in ("--set", s)]
     assert cli_main(args) == 1
     err = capsys.readouterr().err
-    assert "head.json" in err and "expected a list of 14 labels" in err and "Traceback" not in err
+    assert "head.json" in err and message in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
 
 
 def test_test_split_is_never_read_during_training(tiny_data, tmp_path):

@@ -135,15 +135,28 @@ class Trainer:
                                              threshold=d.vocab_threshold)
         self.labels = study_labels(self.train_studies + self.val_studies, d.labels)
         # What the label head learns: data.head_labels where given, else the condition labels above.
-        self.head_labels = self.labels if not d.head_labels else \
-            {**self.labels, **{k: v.astype(np.float32) for k, v in load_label_file(d.head_labels).items()
-                               if k in self.labels}}
+        self.head_labels = self.labels if not d.head_labels else self._load_head_labels(d.head_labels)
         self._set_repeat_factors()
         self.val_refs = {s.id: s.report for s in self.val_studies[: d.val_limit or None]}
         from ifnet.metrics.scoring import reference_labels
 
         # Reference labels of the validation reports, computed once (CE each epoch compares against them).
         self.val_ref_codes = reference_labels(self.val_refs, cleaner=d.cleaner) if self.val_refs else None
+
+    def _load_head_labels(self, path: str) -> dict[str, np.ndarray]:
+        """``data.head_labels``: given labels for the label head, the condition labels where a study has none.
+
+        A file that names none of the training studies is an error (a wrong file would otherwise train the
+        head on the condition labels without a word); partial coverage is reported."""
+        given = load_label_file(path)
+        covered = sum(s.id in given for s in self.train_studies)
+        if covered == 0:
+            raise IFNetError(f"{path}: data.head_labels holds labels for none of the "
+                             f"{len(self.train_studies)} training studies (ids such as {self.train_studies[0].id!r})")
+        if covered < len(self.train_studies) and self.is_main:
+            print(f"note: {path}: data.head_labels covers {covered} of {len(self.train_studies)} training studies; "
+                  f"the others' label head learns the condition labels", flush=True)
+        return {**self.labels, **{k: v.astype(np.float32) for k, v in given.items() if k in self.labels}}
 
     def _set_repeat_factors(self) -> None:
         """Per-study repeat factors of the training studies (``data.repeat_threshold``; None: plain shuffle)
