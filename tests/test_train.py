@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -17,8 +18,9 @@ from safetensors.torch import load_file
 from ifnet.cli import main as cli_main
 from ifnet.config import resolve
 from ifnet.demo.dataset import DemoSplit, write_demo_dataset
+from ifnet.evaluation import label_probabilities
 from ifnet.train.config import TrainConfig
-from ifnet.train.data import RepeatFactorSampler, repeat_factors
+from ifnet.train.data import RepeatFactorSampler, make_dataset, repeat_factors
 from ifnet.train.trainer import Trainer
 
 TINY = [
@@ -34,9 +36,18 @@ def tiny_data(tmp_path_factory) -> dict:
     return write_demo_dataset(tmp_path_factory.mktemp("phantoms"), DemoSplit(16, 4, 4), seed=3)
 
 
+def tiny_sets(data: dict, *extra: str) -> list[str]:
+    """Overrides of the tiny config on the phantom data ``data``."""
+    return TINY + [f"data.annotation={data['annotation']}", f"data.image_root={data['image_root']}", *extra]
+
+
 def tiny_config(data: dict, *extra: str) -> TrainConfig:
-    return resolve(TrainConfig, None, TINY + [f"data.annotation={data['annotation']}",
-                                              f"data.image_root={data['image_root']}", *extra])
+    return resolve(TrainConfig, None, tiny_sets(data, *extra))
+
+
+def tiny_argv(data: dict, out: Path, *extra: str) -> list[str]:
+    """``ifnet train`` argv for the tiny config."""
+    return ["train", "--out", str(out)] + [a for s in tiny_sets(data, *extra) for a in ("--set", s)]
 
 
 def test_training_writes_checkpoints_logs_and_provenance(tiny_data, tmp_path):
@@ -116,13 +127,9 @@ def test_head_labels_train_the_label_head_alone(tiny_data, tmp_path):
     run.fit()
     # Validation AUC against the head's own targets is logged beside the one against the condition labels;
     # with identical labels they agree, and an all-positive target (no AUC defined) is left out, not NaN.
-    import csv
-
     logged = {r: list(csv.DictReader((tmp_path / r / "metrics.csv").open())) for r in ("base", "again", "ones")}
     assert "val_head_label_auc" not in logged["base"][0] and "val_head_label_auc" not in logged["ones"][0]
     assert logged["again"][0]["val_head_label_auc"] == logged["again"][0]["val_label_auc"] != ""
-    from ifnet.evaluation import label_probabilities
-    from ifnet.train.data import make_dataset
 
     def val_probs(trainer: Trainer) -> np.ndarray:
         ds = make_dataset(trainer.val_studies, trainer.cfg.data, trainer.tokenizer, trainer.labels, train=False)
@@ -138,8 +145,7 @@ def test_head_labels_train_the_label_head_alone(tiny_data, tmp_path):
 def test_bad_head_labels_file_is_a_one_line_error(tiny_data, tmp_path, capsys, content, message):
     bad = tmp_path / "head.json"
     bad.write_text(json.dumps(content))
-    args = ["train", "--out", str(tmp_path / "r")] + [a for s in TINY + [f"data.annotation={tiny_data['annotation']}",
-            f"data.image_root={tiny_data['image_root']}", f"data.head_labels={bad}"] for a in ("--set", s)]
+    args = tiny_argv(tiny_data, tmp_path / "r", f"data.head_labels={bad}")
     assert cli_main(args) == 1
     err = capsys.readouterr().err
     assert "head.json" in err and message in err and "Traceback" not in err
@@ -154,16 +160,13 @@ def test_test_split_is_never_read_during_training(tiny_data, tmp_path):
     for entry in ann["test"]:
         for rel in entry["image_path"]:
             (data / "images" / rel).write_bytes(b"not an image")
-    cfg = resolve(TrainConfig, None, TINY + [f"data.annotation={data / 'annotation.json'}",
-                                             f"data.image_root={data / 'images'}", "optim.epochs=1"])
+    cfg = tiny_config({"annotation": data / "annotation.json", "image_root": data / "images"}, "optim.epochs=1")
     assert Trainer(cfg, tmp_path / "run").fit().epochs_run == 1
 
 
 def test_cli_refuses_to_clobber_a_run(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train", "--out", str(out)] + [a for s in TINY + ["optim.epochs=1",
-            f"data.annotation={tiny_data['annotation']}", f"data.image_root={tiny_data['image_root']}"]
-            for a in ("--set", s)]
+    args = tiny_argv(tiny_data, out, "optim.epochs=1")
     assert cli_main(args) == 0
     assert cli_main(args) == 1
     assert "already holds a run" in capsys.readouterr().err
@@ -182,8 +185,7 @@ def test_misspelled_config_key_is_an_error(tiny_data, tmp_path, capsys):
 def test_bad_repeat_factor_settings_are_one_line_errors_before_anything_is_written(tiny_data, tmp_path, capsys,
                                                                                     setting, message):
     out = tmp_path / "r"
-    args = ["train", "--out", str(out)] + [a for s in TINY + [f"data.annotation={tiny_data['annotation']}",
-            f"data.image_root={tiny_data['image_root']}", *setting] for a in ("--set", s)]
+    args = tiny_argv(tiny_data, out, *setting)
     assert cli_main(args) == 1
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
@@ -192,11 +194,9 @@ def test_bad_repeat_factor_settings_are_one_line_errors_before_anything_is_writt
 
 def test_ddp_two_cpu_processes_hold_identical_weights(tiny_data, tmp_path):
     out = tmp_path / "ddp"
-    sets = [a for s in TINY + ["optim.epochs=1", "data.batch_size=4", f"data.annotation={tiny_data['annotation']}",
-                               f"data.image_root={tiny_data['image_root']}"] for a in ("--set", s)]
     env = {**os.environ, "IFNET_DDP_CPU": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "ifnet", "train", "--out", str(out), *sets]
+           "-m", "ifnet", *tiny_argv(tiny_data, out, "optim.epochs=1", "data.batch_size=4")]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((out / "result.json").read_text())

@@ -134,8 +134,8 @@ class Trainer:
             self.tokenizer = Tokenizer.build([s.report for s in self.train_studies], cleaner=d.cleaner,
                                              threshold=d.vocab_threshold)
         self.labels = study_labels(self.train_studies + self.val_studies, d.labels)
-        # What the label head learns: data.head_labels where given, else the condition labels above.
-        self.head_labels = self.labels if not d.head_labels else self._load_head_labels(d.head_labels)
+        # What the label head learns when it is not the condition labels above (data.head_labels).
+        self.head_labels = self._load_head_labels(d.head_labels) if d.head_labels else None
         self._set_repeat_factors()
         self.val_refs = {s.id: s.report for s in self.val_studies[: d.val_limit or None]}
         from ifnet.metrics.scoring import reference_labels
@@ -346,7 +346,7 @@ class Trainer:
                                      features=x.get("features"), label_forcing=o.label_forcing)
                 weights = None if self.label_loss_weights is None else \
                     torch.tensor([self.label_loss_weights[i] for i in batch["ids"]], device=self.device)
-                head_target = x["labels"] if self.head_labels is self.labels else torch.from_numpy(
+                head_target = x["labels"] if self.head_labels is None else torch.from_numpy(
                     np.stack([self.head_labels[i] for i in batch["ids"]])).to(self.device)
                 losses = compute_losses(out, x["tokens"], head_target, label_loss_weight=o.label_loss_weight,
                                         study_weights=weights)
@@ -405,7 +405,7 @@ class Trainer:
         probs = np.stack([p["probabilities"] for p in preds])
         truth = np.stack([self.labels[p["id"]] for p in preds])
         aucs = {"label_auc": mean_auc(truth, probs)}
-        if self.head_labels is not self.labels:  # also against what the head learns (data.head_labels)
+        if self.head_labels is not None:  # also against what the head learns (data.head_labels)
             aucs["head_label_auc"] = mean_auc(np.stack([self.head_labels[p["id"]] for p in preds]), probs)
         # NaN (no label with both classes in validation) is left out: checkpoint metadata is strict JSON.
         scores.update({k: v for k, v in aucs.items() if math.isfinite(v)})
