@@ -82,7 +82,7 @@ def plot_curves(rows: list[Mapping[str, float]], out_png: Path, *, title: str = 
     import matplotlib.pyplot as plt
 
     epochs = [r["epoch"] for r in rows]
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11.5, 4))
     for key in ("train_loss", "train_report_loss", "train_label_loss", "val_loss"):
         ys = [r.get(key, math.nan) for r in rows]
         if any(math.isfinite(y) for y in ys):
@@ -98,7 +98,7 @@ def plot_curves(rows: list[Mapping[str, float]], out_png: Path, *, title: str = 
             ax_metric.plot(epochs, ys, marker="o", label=key[4:])
     ax_metric.set_xlabel("epoch")
     ax_metric.set_ylabel("validation score")
-    ax_metric.legend()
+    ax_metric.legend(loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: the AUCs sit at the top
     ax_metric.grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
