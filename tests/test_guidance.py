@@ -122,3 +122,57 @@ def test_ifnet_guided_decoding_runs_and_matches_a_manual_contrast():
         torch.testing.assert_close(logp[finite], (lm + 1.5 * (lm - ln))[finite])
         tokens = model.decode(enc, beam_size=3, max_len=10, guidance=1.5)
     assert tokens.shape[0] == 2 and tokens.shape[1] <= 10
+
+
+class ToyStutter:
+    """After FINDING (token 3) the conditional model still gives FINDING 0.1 (EOS 0.9); the normal
+    condition gives it 0.01. Guidance alone would amplify the repeat: log 0.1 + 2 (log 0.1 - log 0.01)
+    = log 10 > log 0.9 + 2 (log 0.9 - log 0.99). After NORMAL-token 4 the model itself repeats it (p 0.6
+    under both conditions: a repetition the data contain, like IU-Xray's "xxxx xxxx")."""
+
+    def start(self, condition: torch.Tensor) -> ToyState:
+        return ToyState(condition.clone())
+
+    def step(self, tokens: torch.Tensor, state: ToyState):
+        rows = tokens.shape[0]
+        finding = state.condition[:, 1] > 0
+        logits = torch.full((rows, 5), -math.inf)
+        first, after_finding, after_mask = tokens == BOS, tokens == NORMAL, tokens == ENLARGED
+        p_rep = torch.where(finding, torch.tensor(0.1), torch.tensor(0.01))
+        # first word: FINDING (3) under the finding condition, the mask word (4) otherwise
+        logits[:, NORMAL] = torch.where(first, torch.where(finding, 0.0, -30.0),
+                                        torch.where(after_finding, p_rep.log(), torch.tensor(-30.0)))
+        logits[:, ENLARGED] = torch.where(first, torch.where(finding, -30.0, 0.0),
+                                          torch.where(after_mask, torch.tensor(0.6).log(), torch.tensor(-30.0)))
+        logits[:, EOS] = torch.where(after_finding, (1 - p_rep).log(),
+                                     torch.where(after_mask, torch.tensor(0.4).log(), torch.tensor(-30.0)))
+        return logits, state
+
+
+def test_guidance_never_amplifies_an_immediate_repeat():
+    cond = _conditions([1])
+    stutter = greedy_decode(GuidedStepModel(ToyStutter(), 2.0, amplify_repeats=True), cond, max_len=4, **IDS)
+    assert stutter[0].tolist()[:3] == [NORMAL, NORMAL, NORMAL]  # the artefact the cap removes
+    capped = greedy_decode(GuidedStepModel(ToyStutter(), 2.0), cond, max_len=4, **IDS)
+    assert capped[0].tolist()[:2] == [NORMAL, EOS]
+    # the cap equals the conditional log-probability of the previous token; other tokens keep guidance
+    model = GuidedStepModel(ToyStutter(), 2.0)
+    state = model.start(cond)
+    _, state = model.step(torch.tensor([BOS]), state)
+    logp, _ = model.step(torch.tensor([NORMAL]), state)
+    assert logp[0, NORMAL].item() == pytest.approx(math.log(0.1), abs=1e-6)
+    assert logp[0, EOS].item() == pytest.approx(math.log(0.9) + 2 * (math.log(0.9) - math.log(0.99)), abs=1e-5)
+    # through generate / DecodingConfig, greedy and beam alike (trigram blocking off: it would cut the
+    # uncapped stutter at three words, as in the reports it was seen in)
+    for beam in (1, 3):
+        cfg = DecodingConfig(beam_size=beam, max_len=4, guidance=2.0, block_trigrams=False)
+        assert generate(ToyStutter(), cond, cfg, **IDS)[0].tolist()[:2] == [NORMAL, EOS]
+        old = DecodingConfig(beam_size=beam, max_len=4, guidance=2.0, block_trigrams=False, amplify_repeats=True)
+        assert generate(ToyStutter(), cond, old, **IDS)[0].tolist()[:3] == [NORMAL, NORMAL, NORMAL]
+
+
+def test_a_repeat_the_model_itself_predicts_survives_the_cap():
+    cond = _conditions([])  # normal study: first word is the mask word, which the model repeats (p 0.6)
+    for amplify in (False, True):
+        out = greedy_decode(GuidedStepModel(ToyStutter(), 2.0, amplify_repeats=amplify), cond, max_len=3, **IDS)
+        assert out[0].tolist() == [ENLARGED, ENLARGED, ENLARGED]

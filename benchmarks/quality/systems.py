@@ -68,7 +68,7 @@ def _feature_source(spec: JobSpec, cfg: Any) -> Any:
 
 
 def _decode(model: Any, tokenizer: Any, ids: list[str], source: Any, cfg: Any, condition: Optional[np.ndarray],
-            beam: int, max_len: int, guidance: float = 0.0) -> dict[str, str]:
+            beam: int, max_len: int, guidance: float = 0.0, amplify_repeats: bool = False) -> dict[str, str]:
     """Reports for ``ids``; ``condition`` [N, 14] (0/1 or probabilities), or None for the model's default
     (its label head's probabilities at its stored thresholds). Beam 1 is greedy with trigram blocking."""
     import torch
@@ -83,10 +83,23 @@ def _decode(model: Any, tokenizer: Any, ids: list[str], source: Any, cfg: Any, c
             mask = torch.stack([source.get(i)[1] for i in chunk])
             cond = None if condition is None else torch.tensor(condition[start:start + bs], dtype=torch.float32)
             enc = model.encode(None, mask, cond, features=feats)
-            toks = model.decode(enc, beam_size=beam, max_len=max_len, guidance=guidance)
+            toks = model.decode(enc, beam_size=beam, max_len=max_len, guidance=guidance,
+                                amplify_repeats=amplify_repeats)
             for sid, row in zip(chunk, toks.tolist()):
                 hyps[sid] = tokenizer.decode(row)
     return hyps
+
+
+def repeated_words(report: str) -> list[str]:
+    """Words written twice or more in a row in ``report`` (whitespace tokens, punctuation included)."""
+    words = report.split()
+    return [a for a, b in zip(words, words[1:]) if a == b]
+
+
+def stutter_count(hyps: dict[str, str], allowed: set[str]) -> int:
+    """Reports with an immediately repeated word that no training report repeats (``allowed``: the words
+    the cleaned training reports do repeat, e.g. IU-Xray's anonymiser mask ``xxxx``)."""
+    return sum(1 for h in hyps.values() if any(w not in allowed for w in repeated_words(h)))
 
 
 # Guidance weights tried on validation (ifnet.decoding.guidance); 0 is plain beam search.
@@ -122,6 +135,7 @@ def train_and_decode(spec: JobSpec) -> dict:
     val_refs = {s.id: s.report for s in trainer.val_studies}
     val_codes = reference_labels(val_refs, cleaner=cfg.data.cleaner)
     beam, max_len = cfg.eval.beam_size, cfg.eval.max_len
+    allowed = {w for s in trainer.train_studies for w in repeated_words(tokenizer.clean(s.report))}
 
     val_modes: dict[str, dict] = {}
     # The checkpoint carries per-label thresholds the trainer chose on validation (the model's default
@@ -139,8 +153,20 @@ def train_and_decode(spec: JobSpec) -> dict:
         val_modes[key] = compute_scores(val_refs, val_hyps[key], cleaner=cfg.data.cleaner,
                                         metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"), ref_labels=val_codes)
         val_modes[key]["distinct_reports"] = len(set(val_hyps[key].values()))
+        val_modes[key]["stutter_reports"] = stutter_count(val_hyps[key], allowed)
     chosen = max(settings, key=lambda mw: monitor_score(val_modes[f"{mw[0]} guidance={mw[1]:g}"], cfg.eval.monitor))
     mode, guidance = chosen
+    # Comparison only, never used for a choice: the chosen setting decoded without the guidance repeat cap
+    # (ifnet.decoding.guidance), i.e. as this benchmark decoded before the cap existed.
+    uncapped = None
+    if guidance > 0:
+        hyps_unc = _decode(model, tokenizer, val_ids, source, cfg, conditions[mode], beam, max_len, guidance,
+                           amplify_repeats=True)
+        uncapped = compute_scores(val_refs, hyps_unc, cleaner=cfg.data.cleaner,
+                                  metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"), ref_labels=val_codes)
+        uncapped["distinct_reports"] = len(set(hyps_unc.values()))
+        uncapped["stutter_reports"] = stutter_count(hyps_unc, allowed)
+        uncapped = dict(_floats(uncapped), setting=f"{mode} guidance={guidance:g}", amplify_repeats=True)
     # Diagnostic only, never used for any choice: the validation *reference* labels as the condition. It
     # measures whether the decoder verbalises its condition at all (an upper bound for this decoder).
     oracle = {}
@@ -163,6 +189,8 @@ def train_and_decode(spec: JobSpec) -> dict:
         "val_condition_modes": {m: _floats(s) for m, s in val_modes.items()},
         "condition_mode": mode, "guidance": guidance, "monitor": cfg.eval.monitor,
         "val_oracle_condition_diagnostic": oracle,
+        "val_chosen_setting_uncapped": uncapped,
+        "test_stutter_reports": stutter_count(test_hyps, allowed), "repeatable_words": sorted(allowed),
         "thresholds": {name: dict(row, threshold=float(t)) for (name, row), t in zip(choice.as_dict().items(),
                                                                                    thresholds)},
         "test_hyps": test_hyps,

@@ -49,6 +49,9 @@ class DecodingConfig:
     # condition guidance weight (ifnet.decoding.guidance); 0 = plain decoding. Needs a model whose decoding
     # state carries the label condition (IFNet, the ONNX runtime).
     guidance: float = 0.0
+    # with guidance: let it amplify an immediate repetition of the word just written (off by default, the
+    # cap that stops guided reports stuttering; ifnet.decoding.guidance). True reproduces earlier decoding.
+    amplify_repeats: bool = False
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -81,7 +84,7 @@ def generate(model: "StepModel", batch_inputs: Any, cfg: Optional[DecodingConfig
     if cfg.guidance > 0:
         from ifnet.decoding.guidance import GuidedStepModel
 
-        model = GuidedStepModel(model, cfg.guidance)
+        model = GuidedStepModel(model, cfg.guidance, amplify_repeats=cfg.amplify_repeats)
     if cfg.beam_size == 1 and cfg.length_penalty == 0:
         return greedy_decode(model, batch_inputs, bos_id=bos_id, eos_id=eos_id, max_len=cfg.max_len,
                              pad_id=pad_id, block_trigrams=cfg.block_trigrams,
