@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import shutil
@@ -204,7 +205,7 @@ def run(carry: Path, out: Path, work: Path, budget_min: float, smoke: bool, extr
         raise SystemExit(f"bench_full_size run: training left no best checkpoint (exit {rc}); see {out}/train.log")
     rows = _metrics_rows(run_dir / "metrics.csv")
     result["epochs_done"] = len(rows)
-    result["epoch_seconds"] = [float(r["epoch_seconds"]) for r in rows if r.get("epoch_seconds")]
+    result["epoch_seconds"] = [r["epoch_seconds"] for r in rows if "epoch_seconds" in r]
     result["validation"] = rows
     best = json.loads((run_dir / "best" / "meta.json").read_text())["metadata"]
     result["best"] = {"epoch": best["epoch"], "val_metrics": best["val_metrics"]}
@@ -226,12 +227,14 @@ def run(carry: Path, out: Path, work: Path, budget_min: float, smoke: bool, extr
 
 
 def _metrics_rows(path: Path) -> list[dict]:
-    import csv
+    """The run's metrics.csv as numbers, read by the trainer's own :class:`ifnet.train.logs.MetricsLog`
+    (empty cells, NaN there, left out: full_size.json is strict JSON)."""
+    sys.path.insert(0, str(REPO / "src"))  # this script runs without ifnet installed (the GPU machine)
+    from ifnet.train.logs import MetricsLog
 
-    if not path.exists():
-        return []
-    with open(path, newline="") as fh:
-        return [{k: v for k, v in row.items() if v not in ("", None)} for row in csv.DictReader(fh)]
+    log = MetricsLog(path)
+    log.load(upto_epoch=math.inf)
+    return [{k: v for k, v in row.items() if math.isfinite(v)} for row in log.rows]
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

@@ -146,27 +146,24 @@ def train_and_decode(spec: JobSpec) -> dict:
     choice = choose_thresholds(to_binary(val_codes), val_probs, train_labels.mean(0))  # rule used per label
     conditions = {"thresholded": apply_thresholds(val_probs, thresholds), "probabilities": val_probs}
     settings = [("thresholded", w) for w in GUIDANCE_GRID] + [("probabilities", 0.0)]
-    val_hyps = {}
+
+    def val_scores(hyps: dict[str, str]) -> dict:
+        scores = compute_scores(val_refs, hyps, cleaner=cfg.data.cleaner, metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"),
+                                ref_labels=val_codes)
+        return dict(scores, distinct_reports=len(set(hyps.values())), stutter_reports=stutter_count(hyps, allowed))
+
     for mode, w in settings:
-        key = f"{mode} guidance={w:g}"
-        val_hyps[key] = _decode(model, tokenizer, val_ids, source, cfg, conditions[mode], beam, max_len, w)
-        val_modes[key] = compute_scores(val_refs, val_hyps[key], cleaner=cfg.data.cleaner,
-                                        metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"), ref_labels=val_codes)
-        val_modes[key]["distinct_reports"] = len(set(val_hyps[key].values()))
-        val_modes[key]["stutter_reports"] = stutter_count(val_hyps[key], allowed)
+        hyps = _decode(model, tokenizer, val_ids, source, cfg, conditions[mode], beam, max_len, w)
+        val_modes[f"{mode} guidance={w:g}"] = val_scores(hyps)
     chosen = max(settings, key=lambda mw: monitor_score(val_modes[f"{mw[0]} guidance={mw[1]:g}"], cfg.eval.monitor))
     mode, guidance = chosen
     # Comparison only, never used for a choice: the chosen setting decoded without the guidance repeat cap
     # (ifnet.decoding.guidance), i.e. as this benchmark decoded before the cap existed.
     uncapped = None
     if guidance > 0:
-        hyps_unc = _decode(model, tokenizer, val_ids, source, cfg, conditions[mode], beam, max_len, guidance,
-                           amplify_repeats=True)
-        uncapped = compute_scores(val_refs, hyps_unc, cleaner=cfg.data.cleaner,
-                                  metrics=("BLEU", "ROUGE_L", "CIDEr", "CE"), ref_labels=val_codes)
-        uncapped["distinct_reports"] = len(set(hyps_unc.values()))
-        uncapped["stutter_reports"] = stutter_count(hyps_unc, allowed)
-        uncapped = dict(_floats(uncapped), setting=f"{mode} guidance={guidance:g}", amplify_repeats=True)
+        hyps = _decode(model, tokenizer, val_ids, source, cfg, conditions[mode], beam, max_len, guidance,
+                       amplify_repeats=True)
+        uncapped = dict(_floats(val_scores(hyps)), setting=f"{mode} guidance={guidance:g}", amplify_repeats=True)
     # Diagnostic only, never used for any choice: the validation *reference* labels as the condition. It
     # measures whether the decoder verbalises its condition at all (an upper bound for this decoder).
     oracle = {}
