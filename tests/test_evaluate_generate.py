@@ -16,7 +16,7 @@ def _data_of(checkpoint: Path) -> Path:
     return checkpoint.parent.parent / "data"
 
 
-def test_evaluate_writes_predictions_metrics_and_page(tiny_checkpoint, tmp_path):
+def test_evaluate_writes_predictions_metrics_and_page(tiny_checkpoint, tmp_path, capsys):
     out = tmp_path / "eval"
     assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-meteor"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -26,10 +26,29 @@ def test_evaluate_writes_predictions_metrics_and_page(tiny_checkpoint, tmp_path)
     preds = json.loads((out / "predictions.json").read_text())
     assert len(preds) == 4 and set(preds[0]["predicted_findings"]) == set(OBSERVATIONS)
     assert all(p["reference"] for p in preds)
+    # each report against the condition it was decoded from (reference-free)
+    for p in preds:
+        assert set(p["condition"]) == set(OBSERVATIONS)
+        assert set(p["consistency"]) == {"said", "unsupported", "unsaid"}
+        held = {k for k, v in p["condition"].items() if v >= 0.5}
+        assert set(p["consistency"]["unsaid"]) == held - set(p["consistency"]["said"]) - {"No Finding"}
+        assert set(p["consistency"]["unsupported"]) == set(p["consistency"]["said"]) - held
+    consistency = json.loads((out / "consistency.json").read_text())
+    assert consistency["studies"] == 4 and consistency["split"] == "test"
+    assert consistency["consistent_reports"] == sum(not p["consistency"]["unsupported"] and not p["consistency"]["unsaid"]
+                                                    for p in preds)
+    assert 0.0 <= consistency["F1_macro"] <= 1.0
     page = (out / "index.html").read_text()
     assert page.count("class='study'") == 4 and "data:image/png;base64," in page
-    # outputs are not overwritten without --overwrite
+    assert f"{consistency['consistent_reports']} of 4 reports say exactly the findings" in page
+    # outputs are not overwritten without --overwrite, any of them
     assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-meteor"]) == 1
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "predictions.json").write_text("mine")
+    assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(other), "--no-meteor"]) == 1
+    assert (other / "predictions.json").read_text() == "mine" and not (other / "metrics.json").exists()
+    assert "predictions.json: already exists" in capsys.readouterr().err
 
 
 def test_evaluation_output_ignores_reference_reports(tiny_checkpoint, tmp_path):
@@ -60,6 +79,9 @@ def test_generate_text_json_heatmap_and_supplied_findings(tiny_checkpoint, tmp_p
     doc = json.loads(capsys.readouterr().out)
     assert isinstance(doc["report"], str) and set(doc["findings"]) == set(OBSERVATIONS)
     assert doc["conditioned_on"] == "predicted" and doc["timings_ms"]["total"] > 0
+    assert set(doc["consistency"]) == {"said", "unsupported", "unsaid"}
+    held = {k for k, v in doc["condition"].items() if v >= 0.5} - {"No Finding"}
+    assert set(doc["consistency"]["unsaid"]) == held - set(doc["consistency"]["said"])
     assert heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # a radiologist's findings replace the predicted condition
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), "--json",
@@ -68,6 +90,14 @@ def test_generate_text_json_heatmap_and_supplied_findings(tiny_checkpoint, tmp_p
     assert doc["conditioned_on"] == "supplied"
     assert doc["condition"]["Cardiomegaly"] == 1.0 and doc["condition"]["Pleural Effusion"] == 1.0
     assert doc["condition"]["Edema"] == 0.0
+    # whatever the report leaves out of the supplied findings is flagged, in JSON and in the text output
+    assert set(doc["consistency"]["unsaid"]) == {"Cardiomegaly", "Pleural Effusion"} - set(doc["consistency"]["said"])
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"),
+                     "--findings", "cardiomegaly, Pleural Effusion"]) == 0
+    text = capsys.readouterr().out
+    line = "in the condition but not said by the report: " + ", ".join(doc["consistency"]["unsaid"])
+    assert (line in text) == bool(doc["consistency"]["unsaid"])
+    assert ("said by the report but not in the condition" in text) == bool(doc["consistency"]["unsupported"])
     # the heatmap is not overwritten without --overwrite; unknown findings and bad images are one-line errors
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), "--heatmap", str(heat)]) == 1
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), "--findings", "gout"]) == 1

@@ -94,6 +94,9 @@ def check_report(doc: dict) -> None:
     assert list(doc["findings"]) == list(OBSERVATIONS)
     assert all(0.0 <= p <= 1.0 for p in doc["findings"].values())
     assert MODEL_STAGES | SERVER_STAGES <= set(doc["timings_ms"])
+    said = doc["consistency"]
+    held = {k for k, v in doc["condition"].items() if v >= 0.5} - {"No Finding"}
+    assert set(said["unsaid"]) == held - set(said["said"]) and set(said["unsupported"]) == set(said["said"]) - held
     assert doc["model"]["extractor"] == "resnet18" and doc["model"]["iec"] == "clahe"
 
 

@@ -161,6 +161,18 @@ def test_drop_two_files_on_the_frontal_box(page, study) -> None:
     assert page.locator(".image-row").count() == 2  # frontal and lateral, each original + enhanced
     assert page.locator("#image-rows img").count() == 4
     assert "supplied findings: Cardiomegaly" in page.inner_text("#conditioned")
+    # the page says whether the report leaves the supplied finding unsaid (or asserts others)
+    from ifnet.inference import parse_findings
+    from ifnet.metrics.consistency import check_reports
+
+    (said,), _ = check_reports(parse_findings("Cardiomegaly")[None], [page.inner_text("#report-text")])
+    expected = []
+    if said.unsaid:
+        expected.append("in the condition but not said by the report: " + ", ".join(said.unsaid))
+    if said.unsupported:
+        expected.append("said by the report but not in the condition: " + ", ".join(said.unsupported))
+    shown = page.eval_on_selector_all("#consistency li", "rows => rows.map(r => r.textContent)")
+    assert shown == expected
     assert page.problems == []
 
 

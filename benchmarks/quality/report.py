@@ -186,6 +186,15 @@ def generated_section(merged: dict) -> str:
                             f"CE macro-F1 {d['CE_F1_macro']:.3f} with {int(d['distinct_reports'])} distinct reports "
                             f"at {k}" for k, d in diag.items())
                         + ". This bounds what better label predictions could give this decoder."]
+            checks = [(split, ifnet[f"{split}_consistency"]) for split in ("val", "test")
+                      if ifnet.get(f"{split}_consistency")]
+            if checks:
+                out += ["", "Report vs its condition (reference-free, `ifnet.metrics.consistency`; the same check "
+                        "`ifnet evaluate` writes to consistency.json): " + "; ".join(
+                            f"{'validation' if split == 'val' else 'test'}: {c['consistent_reports']} of {c['studies']} "
+                            f"reports say exactly the findings they were decoded from, {c['reports_with_unsaid']} leave "
+                            f"one unsaid, {c['reports_with_unsupported']} say one not in the condition (F1 macro "
+                            f"{c['F1_macro']:.3f}, micro {c['F1_micro']:.3f})" for split, c in checks) + "."]
             out += [""]
     out += ["### IEC: none vs CLAHE vs adaptive, overall and on the low-quality subset", "", *iec_tables(parts), ""]
     att = attention_table(parts)

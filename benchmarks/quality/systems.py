@@ -152,11 +152,15 @@ def train_and_decode(spec: JobSpec) -> dict:
                                 ref_labels=val_codes)
         return dict(scores, distinct_reports=len(set(hyps.values())), stutter_reports=stutter_count(hyps, allowed))
 
+    val_hyps: dict[str, dict[str, str]] = {}
     for mode, w in settings:
         hyps = _decode(model, tokenizer, val_ids, source, cfg, conditions[mode], beam, max_len, w)
+        val_hyps[f"{mode} guidance={w:g}"] = hyps
         val_modes[f"{mode} guidance={w:g}"] = val_scores(hyps)
     chosen = max(settings, key=lambda mw: monitor_score(val_modes[f"{mw[0]} guidance={mw[1]:g}"], cfg.eval.monitor))
     mode, guidance = chosen
+    val_consistency = _consistency(conditions[mode], val_hyps[f"{mode} guidance={guidance:g}"], cfg.data.cleaner)
+    del val_hyps
     # Comparison only, never used for a choice: the chosen setting decoded without the guidance repeat cap
     # (ifnet.decoding.guidance), i.e. as this benchmark decoded before the cap existed.
     uncapped = None
@@ -186,6 +190,9 @@ def train_and_decode(spec: JobSpec) -> dict:
         "val_condition_modes": {m: _floats(s) for m, s in val_modes.items()},
         "condition_mode": mode, "guidance": guidance, "monitor": cfg.eval.monitor,
         "val_oracle_condition_diagnostic": oracle,
+        # reference-free: does each report say its condition's findings (ifnet.metrics.consistency)?
+        "val_consistency": val_consistency,
+        "test_consistency": _consistency(cond, test_hyps, cfg.data.cleaner),
         "val_chosen_setting_uncapped": uncapped,
         "test_stutter_reports": stutter_count(test_hyps, allowed), "repeatable_words": sorted(allowed),
         "thresholds": {name: dict(row, threshold=float(t)) for (name, row), t in zip(choice.as_dict().items(),
@@ -214,6 +221,14 @@ def _label_probs(model: Any, ids: list[str], source: Any) -> np.ndarray:
             vis = model.encode_features(feats, mask)
             out.append(torch.sigmoid(model.predict_labels(vis)).numpy())
     return np.concatenate(out) if out else np.zeros((0, 14), dtype=np.float32)
+
+
+def _consistency(condition: np.ndarray, hyps: dict[str, str], cleaner: Optional[str]) -> dict:
+    """Each report against the condition it was decoded from (rows of ``condition`` follow ``hyps``)."""
+    from ifnet.metrics.consistency import check_reports
+
+    _, summary = check_reports(condition, list(hyps.values()), cleaner=cleaner)
+    return summary
 
 
 def _floats(scores: dict) -> dict:

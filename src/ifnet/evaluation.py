@@ -24,8 +24,9 @@ from ifnet.models.ifnet import IFNet
 def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: Any, *, device: torch.device,
                    beam_size: int = 3, max_len: int = 60, guidance: float = 0.0, with_loss: bool = False,
                    batch_size: Optional[int] = None, progress: bool = False) -> list[dict]:
-    """One dict per study: id, generated report, reference (raw), label probabilities [14], and
-    ``loss`` (teacher-forced, conditioned on predicted labels) when ``with_loss``."""
+    """One dict per study: id, generated report, reference (raw), label probabilities [14], the condition
+    the report was decoded from [14] (the thresholded predictions, or the probabilities, as the model is
+    set), and ``loss`` (teacher-forced, conditioned on predicted labels) when ``with_loss``."""
     from tqdm import tqdm
 
     from ifnet.train.data import build_loader
@@ -42,6 +43,7 @@ def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: An
             enc = model.encode(images, view_mask, None, features=features)  # None: predicted labels
             tokens = model.decode(enc, beam_size=beam_size, max_len=max_len, guidance=guidance)
             probs = torch.sigmoid(enc.label_logits).float().cpu().numpy()
+            conditions = enc.condition.float().cpu().numpy()
             losses = None
             if with_loss:
                 ref_tokens = batch["tokens"].to(device)
@@ -49,7 +51,7 @@ def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: An
                 losses = _per_study_caption_loss(out.logits, ref_tokens)
             for i, sid in enumerate(batch["ids"]):
                 row = {"id": sid, "generated": tokenizer.decode(tokens[i].tolist()), "reference": batch["reports"][i],
-                       "probabilities": probs[i]}
+                       "probabilities": probs[i], "condition": conditions[i]}
                 if losses is not None:
                     row["loss"] = float(losses[i])
                 results.append(row)
@@ -109,7 +111,8 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
                         max_len: Optional[int] = None, guidance: Optional[float] = None,
                         limit: Optional[int] = None, meteor: bool = True,
                         examples: int = 24, device: str = "auto", notes: tuple[str, ...] = ()) -> dict:
-    """Decode ``split`` with ``checkpoint``; write predictions.json, metrics.json and index.html to ``out``."""
+    """Decode ``split`` with ``checkpoint``; write predictions.json, metrics.json, consistency.json (each report
+    against the condition it was decoded from, :mod:`ifnet.metrics.consistency`) and index.html to ``out``."""
     from dataclasses import replace
 
     from ifnet.data.annotation import load_annotation
@@ -117,6 +120,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     from ifnet.data.images import read_xray, to_uint8
     from ifnet.iec.clahe import build_enhancer
     from ifnet.io_utils import atomic_write_json
+    from ifnet.metrics.consistency import check_reports, consistency_note
     from ifnet.metrics.scoring import score_reports
     from ifnet.models.checkpoint import load_checkpoint
     from ifnet.report_page import Example, write_page
@@ -143,17 +147,22 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     metrics_list = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "CE") if meteor else ("BLEU", "ROUGE_L", "CIDEr", "CE")
     report = score_reports(refs, hyps, cleaner=d.cleaner, metrics=metrics_list)
     metrics = dict(report.scores)
+    # Reference-free: does each report say the findings it was decoded from?
+    checked, consistency = check_reports(np.stack([p["condition"] for p in preds]), [p["generated"] for p in preds],
+                                         cleaner=d.cleaner)
     rows = []
     per_study = {r["id"]: r for r in report.per_study}
-    for p in preds:
+    for p, said in zip(preds, checked):
         ref_labels = per_study.get(p["id"], {}).get("ref_labels", {})
         rows.append({"id": p["id"], "generated": p["generated"], "reference": p["reference"],
                      "predicted_findings": findings_dict(p["probabilities"]),
+                     "condition": findings_dict(p["condition"]), "consistency": said.to_json(),
                      "reference_labels": ref_labels})
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "predictions.json", rows)
     atomic_write_json(out / "metrics.json", {**metrics, "split": split, "num_studies": len(preds),
                                              "beam_size": beam, "max_len": length, "guidance": guide, "checkpoint": str(checkpoint)})
+    atomic_write_json(out / "consistency.json", {**consistency, "split": split, "checkpoint": str(checkpoint)})
     enhancer = build_enhancer(d.iec if d.iec != "none" else "clahe", d.clip_limit, d.tile_grid)
     page_examples = []
     for study, row in zip(studies[:examples], rows[:examples]):
@@ -166,5 +175,6 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
                metrics={k: v for k, v in metrics.items()},
                curves_png=Path(checkpoint).parent / "curves.png",
                notes=[*notes, f"checkpoint {checkpoint}; beam {beam}; condition guidance {guide:g}; "
-                                  f"CE uncertain -> {metrics.get('CE_uncertain', 'positive')}"])
-    return {"metrics": metrics, "predictions": rows}
+                                  f"CE uncertain -> {metrics.get('CE_uncertain', 'positive')}",
+                      consistency_note(consistency)])
+    return {"metrics": metrics, "predictions": rows, "consistency": consistency}

@@ -18,6 +18,7 @@ import torch
 
 from ifnet.errors import IFNetError
 from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS
+from ifnet.metrics.consistency import check_reports
 
 
 @dataclass
@@ -29,11 +30,13 @@ class Prediction:
     timings_ms: dict[str, float] = field(default_factory=dict)
     heatmap: Optional[np.ndarray] = None  # [H, W] in 0..1 over the frontal view, when asked
     heatmap_label: Optional[str] = None
+    # what the report says against its condition (ifnet.metrics.consistency): said / unsupported / unsaid
+    consistency: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> dict:
         return {"report": self.report, "findings": self.findings, "condition": self.condition,
-                "conditioned_on": self.conditioned_on, "timings_ms": self.timings_ms,
-                "heatmap_label": self.heatmap_label}
+                "conditioned_on": self.conditioned_on, "consistency": self.consistency,
+                "timings_ms": self.timings_ms, "heatmap_label": self.heatmap_label}
 
 
 def parse_findings(text: str) -> np.ndarray:
@@ -73,6 +76,7 @@ class _StudyPipeline:
     engine: object
     device: torch.device = torch.device("cpu")
     max_views: int = 2
+    cleaner: Optional[str] = "iu_xray"  # the training data's report cleaner, for labelling the generated text
 
     def _encode(self, features: torch.Tensor, view_mask: torch.Tensor, condition: Optional[np.ndarray]):
         raise NotImplementedError
@@ -104,11 +108,17 @@ class _StudyPipeline:
         tokens = self.engine.decode(enc, beam_size=self.beam_size, max_len=self.max_len, guidance=self.guidance)
         t["decode"] = time.perf_counter() - t0
         probs = torch.sigmoid(enc.label_logits[0]).float().cpu().numpy()
+        report = self.tokenizer.decode(tokens[0].tolist())
+        cond = enc.condition[0].float().cpu().numpy()
+        t0 = time.perf_counter()
+        checked, _ = check_reports(cond[None], [report], cleaner=self.cleaner)
+        t["consistency"] = time.perf_counter() - t0
         pred = Prediction(
-            report=self.tokenizer.decode(tokens[0].tolist()),
+            report=report,
             findings={n: round(float(p), 4) for n, p in zip(OBSERVATIONS, probs)},
-            condition={n: round(float(c), 4) for n, c in zip(OBSERVATIONS, enc.condition[0].float().cpu())},
+            condition={n: round(float(c), 4) for n, c in zip(OBSERVATIONS, cond)},
             conditioned_on="predicted" if findings is None else "supplied",
+            consistency=checked[0].to_json(),
         )
         if heatmap:
             t0 = time.perf_counter()
@@ -144,6 +154,7 @@ class Predictor(_StudyPipeline):
         self.model, self.tokenizer, self.config, meta = load_checkpoint(checkpoint, map_location=self.device)
         self.engine, self.max_views = self.model, self.config.max_views
         self.data_config = _training_data_config(meta, Path(checkpoint))
+        self.cleaner = self.data_config.cleaner
         self.transform = ImageTransform(image_config(self.data_config), train=False)
         train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
         self.beam_size = beam_size or int(train_eval.get("beam_size", 3))

@@ -13,6 +13,8 @@ from pathlib import Path
 from ifnet.errors import IFNetError
 
 HELP = "decode a split with a checkpoint and score it"
+#: What evaluate writes into --out (none is replaced without --overwrite).
+OUTPUTS = ("predictions.json", "metrics.json", "consistency.json", "index.html")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,8 +38,10 @@ def run(args: argparse.Namespace) -> int:
     from ifnet.evaluation import evaluate_checkpoint
 
     out: Path = args.out
-    if (out / "metrics.json").exists() and not args.overwrite:
-        raise IFNetError(f"{out / 'metrics.json'}: already exists; pass --overwrite to replace it")
+    if not args.overwrite:
+        for name in OUTPUTS:
+            if (out / name).exists():
+                raise IFNetError(f"{out / name}: already exists; pass --overwrite to replace it")
     result = evaluate_checkpoint(args.checkpoint, out, split=args.split, annotation=args.annotation,
                                  image_root=args.image_root, beam_size=args.beam_size, max_len=args.max_len,
                                  guidance=args.guidance,
@@ -45,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
                                  device=args.device)
     from ifnet.cli.score import format_table
 
+    from ifnet.metrics.consistency import consistency_note
+
     print(format_table(result["metrics"]))
-    print(f"wrote {out / 'predictions.json'}, {out / 'metrics.json'} and {out / 'index.html'}")
+    print(consistency_note(result["consistency"]))
+    print(f"wrote {', '.join(str(out / name) for name in OUTPUTS)}")
     return 0

@@ -59,6 +59,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"{label} (probability from the label head):")
     for name, p in sorted(pred.findings.items(), key=lambda kv: -kv[1]):
         print(f"  {name:<28} {p:.3f}")
+    said = pred.consistency
+    if said.get("unsaid"):
+        print(f"in the condition but not said by the report: {', '.join(said['unsaid'])}")
+    if said.get("unsupported"):
+        print(f"said by the report but not in the condition: {', '.join(said['unsupported'])}")
     if args.heatmap is not None:
         print(f"heatmap ({pred.heatmap_label}) written to {args.heatmap}")
     return 0

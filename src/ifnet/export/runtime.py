@@ -288,6 +288,7 @@ class OnnxPredictor(_StudyPipeline):
         self.engine, self.max_views = self.model, self.model.max_views
         self.tokenizer = self.model.tokenizer
         self.transform = ImageTransform(self.model.image_config, train=False)
+        self.cleaner = (self.model.manifest.get("data_config") or {}).get("cleaner", "iu_xray")
         self.beam_size = beam_size or self.model.decoding["beam_size"]
         self.max_len = max_len or self.model.decoding["max_len"]
         self.guidance = guidance_weight(guidance, self.model.decoding.get("guidance", 0.0))

@@ -51,14 +51,21 @@ class Images(BaseModel):
     heatmap: Optional[str] = Field(None, description="PNG data URL: the heatmap over the frontal view")
 
 
+class Consistency(BaseModel):
+    said: list[str] = Field(description="findings the report asserts (the project's labeler on the generated text)")
+    unsupported: list[str] = Field(description="findings the report asserts that are not in its condition")
+    unsaid: list[str] = Field(description="findings of the condition the report does not say")
+
+
 class ReportResponse(BaseModel):
     report: str
     findings: dict[str, float] = Field(description="the 14 CheXpert observations -> probability")
     condition: dict[str, float] = Field(description="the label vector the memory was conditioned on")
     conditioned_on: Literal["predicted", "supplied"]
+    consistency: Consistency = Field(description="the report against its condition (ifnet.metrics.consistency)")
     heatmap_label: Optional[str]
     timings_ms: dict[str, float] = Field(
-        description="model stages (enhance, preprocess, backbone, memory_encoder, decode, heatmap, total) "
+        description="model stages (enhance, preprocess, backbone, memory_encoder, decode, consistency, heatmap, total) "
                     "and server stages (upload, queue_wait, image_decode, render_images, request)")
     views: list[ViewInfo]
     warnings: list[str]

@@ -10,7 +10,7 @@
   const STAGES = [
     ["upload", "Upload"], ["queue_wait", "Queue"], ["image_decode", "Decode images"], ["enhance", "Enhancement (IEC)"],
     ["preprocess", "Preprocess"], ["backbone", "Visual backbone"], ["memory_encoder", "Memory + encoder"],
-    ["decode", "Report decoding"], ["heatmap", "Heatmap"], ["render_images", "Render images"],
+    ["decode", "Report decoding"], ["consistency", "Report vs findings check"], ["heatmap", "Heatmap"], ["render_images", "Render images"],
   ];
 
   function el(tag, props, children) {
@@ -149,6 +149,11 @@
     } else {
       $("conditioned").textContent = "conditioned on predicted findings";
     }
+    const said = result.consistency || {};
+    const notes = [];
+    if ((said.unsaid || []).length) notes.push("in the condition but not said by the report: " + said.unsaid.join(", "));
+    if ((said.unsupported || []).length) notes.push("said by the report but not in the condition: " + said.unsupported.join(", "));
+    $("consistency").replaceChildren(...notes.map((n) => el("li", { textContent: n })));
     const warnings = $("warnings");
     warnings.replaceChildren(...result.warnings.map((w) => el("li", { textContent: w })));
     renderImages(result);
