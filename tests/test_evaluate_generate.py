@@ -123,3 +123,7 @@ def test_reproduce_reports_mean_and_std_over_seeds(tiny_checkpoint, tmp_path):
     assert summary["metrics"]["BLEU_4"]["mean"] == pytest.approx(mean)
     assert summary["metrics"]["BLEU_4"]["std"] == pytest.approx(abs(bleu[0] - bleu[1]) / 2 ** 0.5)
     assert "| BLEU_4 |" in (out / "summary.md").read_text()
+    # the report-vs-condition F1 of each seed's consistency.json is summarised too
+    macro = [json.loads((out / f"seed{seed}" / "eval-test" / "consistency.json").read_text())["F1_macro"]
+             for seed in summary["seeds"]]
+    assert summary["metrics"]["consistency_F1_macro"]["mean"] == pytest.approx(sum(macro) / 2)

@@ -35,7 +35,7 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 def run(args: argparse.Namespace) -> int:
     from ifnet.config import resolve
     from ifnet.evaluation import evaluate_checkpoint
-    from ifnet.io_utils import atomic_write_json, atomic_write_text, read_json
+    from ifnet.io_utils import atomic_write_json, atomic_write_text
     from ifnet.train.config import TrainConfig
     from ifnet.train.trainer import Trainer
 
@@ -48,15 +48,15 @@ def run(args: argparse.Namespace) -> int:
         run_dir = args.out / f"seed{seed}"
         eval_dir = run_dir / f"eval-{args.split}"
         if args.resume and (eval_dir / "metrics.json").exists():
-            per_seed[seed] = read_json(eval_dir / "metrics.json")
+            per_seed[seed] = _seed_metrics(eval_dir)
             continue
         if (run_dir / "config.json").exists() and not args.resume:
             raise IFNetError(f"{run_dir}: already holds a run; use --resume or another --out")
         cfg = resolve(TrainConfig, args.config, args.overrides + [f"seed={seed}"])
         print(f"== seed {seed} ({i + 1}/{args.seeds})", flush=True)
         Trainer(cfg, run_dir, resume=(run_dir / "last").exists()).fit()
-        ev = evaluate_checkpoint(run_dir / "best", eval_dir, split=args.split, meteor=not args.no_meteor)
-        per_seed[seed] = ev["metrics"]
+        evaluate_checkpoint(run_dir / "best", eval_dir, split=args.split, meteor=not args.no_meteor)
+        per_seed[seed] = _seed_metrics(eval_dir)
     keys = [k for k, v in next(iter(per_seed.values())).items() if isinstance(v, (int, float)) and
             not isinstance(v, bool) and k not in ("num_studies", "beam_size", "max_len")]
     summary = {k: dict(zip(("mean", "std"), mean_std([float(m[k]) for m in per_seed.values()]))) for k in keys}
@@ -67,3 +67,16 @@ def run(args: argparse.Namespace) -> int:
     atomic_write_text(args.out / "summary.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
+
+
+def _seed_metrics(eval_dir: Path) -> dict:
+    """One seed's metrics.json, plus the report-vs-condition F1s of its consistency.json when present."""
+    from ifnet.io_utils import read_json
+
+    metrics = dict(read_json(eval_dir / "metrics.json"))
+    if (eval_dir / "consistency.json").exists():  # evaluations written before consistency.json existed lack it
+        consistency = read_json(eval_dir / "consistency.json")
+        metrics["consistency_F1_macro"] = consistency["F1_macro"]
+        metrics["consistency_F1_micro"] = consistency["F1_micro"]
+    return metrics
+
