@@ -239,6 +239,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ifnet.train.config import TrainConfig
     from ifnet.train.data import image_config
     from ifnet.train.runinfo import git_revision
+
+    revision = git_revision(REPO)  # the code that runs: recorded at the start, not when the results are written
     from ifnet.train.trainer import study_labels
 
     cache = args.cache_dir / ("smoke" if args.smoke else "")
@@ -361,7 +363,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "part": part_key,
         "note": "These are synthetic-image results, not IU-Xray results: real IU-Xray reports and split, images "
                 "rendered from labels by shared/tools/synth_cxr.py.",
-        "git_revision": git_revision(REPO),
+        "git_revision": revision,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpus": os.cpu_count(),
                     "jobs": args.jobs, "load_average_at_end": os.getloadavg()},
