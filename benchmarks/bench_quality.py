@@ -239,9 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ifnet.train.config import TrainConfig
     from ifnet.train.data import image_config
     from ifnet.train.runinfo import git_revision
+    from ifnet.train.trainer import study_labels
 
     revision = git_revision(REPO)  # the code that runs: recorded at the start, not when the results are written
-    from ifnet.train.trainer import study_labels
 
     cache = args.cache_dir / ("smoke" if args.smoke else "")
     cache.mkdir(parents=True, exist_ok=True)

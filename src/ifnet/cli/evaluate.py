@@ -48,7 +48,6 @@ def run(args: argparse.Namespace) -> int:
                                  limit=args.limit, meteor=not args.no_meteor, examples=args.examples,
                                  device=args.device)
     from ifnet.cli.score import format_table
-
     from ifnet.metrics.consistency import consistency_note
 
     print(format_table(result["metrics"]))

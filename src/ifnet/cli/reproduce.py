@@ -79,4 +79,3 @@ def _seed_metrics(eval_dir: Path) -> dict:
         metrics["consistency_F1_macro"] = consistency["F1_macro"]
         metrics["consistency_F1_micro"] = consistency["F1_micro"]
     return metrics
-

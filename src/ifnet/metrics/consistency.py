@@ -98,7 +98,11 @@ def compare(condition: Any, text_codes: Any, *, uncertain: str = "positive") -> 
 def summarize(condition: Any, text_codes: Any, *, uncertain: str = "positive") -> dict[str, Any]:
     """Corpus summary: precision/recall/F1 of the text against the condition (micro and macro over the 14
     observations, per observation), and how many reports assert or omit a finding."""
-    studies = compare(condition, text_codes, uncertain=uncertain)
+    return _summary(condition, text_codes, compare(condition, text_codes, uncertain=uncertain), uncertain)
+
+
+def _summary(condition: Any, text_codes: Any, studies: Sequence[StudyConsistency], uncertain: str) -> dict[str, Any]:
+    """:func:`summarize` from the per-study comparison already made."""
     ce = clinical_efficacy(condition_codes(condition), text_codes, uncertain=uncertain)
     rows = ce["per_observation"]
     present = [name for name in OBSERVATIONS if rows[name]["TP"] + rows[name]["FP"] + rows[name]["FN"] > 0]
@@ -131,7 +135,8 @@ def check_reports(condition: Any, reports: Sequence[str], *, cleaner: Optional[s
     if len(reports) != cond.shape[0]:
         raise ValueError(f"{len(reports)} reports but {cond.shape[0]} condition rows")
     codes = label_generated(reports, cleaner=cleaner)
-    return compare(cond, codes, uncertain=uncertain), summarize(cond, codes, uncertain=uncertain)
+    studies = compare(cond, codes, uncertain=uncertain)
+    return studies, _summary(cond, codes, studies, uncertain)
 
 
 def consistency_note(summary: dict[str, Any]) -> str:
