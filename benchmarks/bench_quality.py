@@ -78,6 +78,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=None, help="JSON results (default: bench-results/quality.json)")
     p.add_argument("--docs", type=Path, default=REPO / "docs" / "RESULTS.md")
     p.add_argument("--no-docs", action="store_true", help="do not rewrite the tables in --docs")
+    p.add_argument("--top-tuning", choices=("on", "off"), default="on",
+                   help="on: fine-tune the top stage of the CNN on the training labels (ifnet.models.tuning, epoch "
+                        "chosen on validation) and give IFNet, retrieval and the probe its features when a probe on "
+                        "them beats the frozen features' probe on validation (default: %(default)s)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     p.add_argument("--docs-only", action="store_true",
                    help="only regenerate the tables in --docs from the existing --out JSON (no computation)")
@@ -147,6 +151,69 @@ def feature_folder(studies: list, image_root: Path, image_cfg: Any, cache: Path,
     seconds = pool.starmap(compute_shard, args)
     done.write_text(json.dumps({"shards": jobs, "kinds": ["none", "clahe"] if with_clahe else ["none"]}))
     return folder, {"fingerprint": key, "cached": False, "shard_seconds": seconds}
+
+
+#: Label file of the top tuning's second set of targets: the CheXbert labels the images were rendered from
+#: (train and val studies only; the tuning reads the train rows).
+CHEXBERT_LABELS = Path("data") / "iu_xray" / "labels_14.json"
+
+
+def top_tuned_folder(studies: list, ids: dict[str, list[str]], image_root: Path, image_cfg: Any, iec: str,
+                     cache: Path, jobs: int, pool: Any, targets: dict, select_val: np.ndarray, low: dict,
+                     tuning_cfg: Any) -> tuple[Path, dict]:
+    """Bottom activations of the pretrained trunk (cached per image set and IEC), the top tuned on the train
+    studies' ``targets`` with the epoch chosen on ``select_val`` (validation labels of the head's first 14
+    outputs), and the tuned features of every study + the tuned trunk, in a folder keyed by all inputs."""
+    import hashlib
+    from dataclasses import asdict, replace
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from quality.features import compute_mid_shard, fingerprint, top_features
+    from ifnet.models.tuning import tune_top
+    from ifnet.models.visual import create_extractor
+
+    cfg = replace(image_cfg, iec=iec)
+    key = fingerprint(studies, image_root, cfg, "efficientnet_lite0")
+    mid_dir = cache / f"mid-{key}-{iec}"
+    info: dict = {"mid_folder": mid_dir.name}
+    if not (mid_dir / "done.json").exists():
+        mid_dir.mkdir(parents=True, exist_ok=True)
+        shards = [studies[i::jobs] for i in range(jobs)]
+        seconds = pool.starmap(compute_mid_shard, [(shard, image_root, cfg, mid_dir / f"shard{i}.safetensors")
+                                                   for i, shard in enumerate(shards)])
+        (mid_dir / "done.json").write_text(json.dumps({"shards": jobs, "iec": iec}))
+        info["mid_shard_seconds"] = seconds
+    h = hashlib.sha256(json.dumps({"mid": mid_dir.name, "tuning": asdict(tuning_cfg),
+                                   "targets": [np.asarray(targets[i]).tolist() for i in ids["train"]],
+                                   "select_val": select_val.tolist()}, sort_keys=True).encode()).hexdigest()[:16]
+    folder = cache / f"tuned-{h}"
+    record = folder / "tuning.json"
+    if record.exists():
+        return folder, dict(info, **json.loads(record.read_text()), cached=True)
+    mids: dict = {}
+    for shard in sorted(mid_dir.glob("shard*.safetensors")):
+        mids.update(load_file(str(shard)))
+    net = create_extractor("efficientnet_lite0", pretrained=True, freeze=True)
+    torch.set_num_threads(jobs)  # the pool is idle meanwhile
+    try:
+        result = tune_top(net, [mids[i] for i in ids["train"]], np.stack([targets[i] for i in ids["train"]]),
+                          [mids[i] for i in ids["val"]], select_val, select=list(range(select_val.shape[1])),
+                          views=image_cfg.max_views, config=tuning_cfg, log=lambda m: print(m, flush=True))
+        _, top = net.split()
+        feats = top_features(top, mids)
+    finally:
+        torch.set_num_threads(1)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(feats, str(folder / "shard0-tuned.safetensors"))
+    (folder / "shard0-low.json").write_text(json.dumps(low))
+    save_file(net.trunk_state_dict(), str(folder / "trunk.safetensors"))
+    out = {"iec": iec, "best_epoch": result.best_epoch, "best_val_mean_auc": result.best_val_mean_auc,
+           "history": result.history, "config": result.config, "seconds": result.seconds,
+           "trunk": str(folder / "trunk.safetensors")}
+    record.write_text(json.dumps(out, indent=1))
+    return folder, dict(info, **out, cached=False)
 
 
 def _init_pool_worker() -> None:
@@ -292,10 +359,37 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         main_iec = max(IEC_KINDS, key=lambda k: probes[k]["val"]["mean_auc"])
         clock.lap("probes")
 
+        # Top tuning of the CNN on the main IEC's images; its features replace the frozen ones for IFNet,
+        # retrieval and the goals' probe only if a probe on them is better on validation.
+        main_source = {"features_dir": str(feat_dir), "feature_kind": None, "overrides": []}
+        main_set = sets[main_iec]
+        probe_key = main_iec
+        tuning_info = None
+        if args.top_tuning == "on":
+            from ifnet.data.annotation import load_label_file
+            from ifnet.models.tuning import TopTuningConfig
+
+            chexbert = load_label_file(str(args.shared / CHEXBERT_LABELS))
+            targets = {i: np.concatenate([train_label_map[i], np.asarray(chexbert[i], dtype=np.float32)])
+                       for i in ids["train"]}
+            tcfg = TopTuningConfig(epochs=1 if args.smoke else TopTuningConfig().epochs)
+            tuned_dir, tuning_info = top_tuned_folder(all_studies, ids, image_root, image_config(cfg.data), main_iec,
+                                                      cache, args.jobs, pool, targets, to_binary(val_codes), low, tcfg)
+            tuned_set = load_sets(tuned_dir, ("tuned",))[0]["tuned"]
+            pooled = {s: tuned_set.pooled(ids[s]) for s in ids}
+            probes["tuned"] = run_probe(pooled["train"], y_train, pooled["val"], to_binary(val_codes),
+                                        pooled["test"], to_binary(test_codes), subsets)
+            tuning_info["used"] = probes["tuned"]["val"]["mean_auc"] > probes[main_iec]["val"]["mean_auc"]
+            if tuning_info["used"]:
+                main_source = {"features_dir": str(tuned_dir), "feature_kind": "tuned",
+                               "overrides": [f"model.weights_path={tuning_info['trunk']}"]}
+                main_set, probe_key = tuned_set, "tuned"
+            clock.lap("top tuning")
+
         # Floors (a) and (b).
         hyps: dict[str, dict[str, str]] = {}
         constant_hyps, constant_text = constant_floor(train_reports, ids["test"])
-        pooled_main = {s: sets[main_iec].pooled(ids[s]) for s in ("train", "test")}
+        pooled_main = {s: main_set.pooled(ids[s]) for s in ("train", "test")}
         hyps["floor: constant report"] = constant_hyps
         hyps["floor: nearest-neighbour retrieval"] = retrieval_floor(pooled_main["train"], train_reports,
                                                                     pooled_main["test"], ids["test"])
@@ -308,27 +402,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         specs = []
         base = dict(config_path=str(args.config), overrides=overrides, features_dir=str(feat_dir),
                     test_ids=ids["test"], annotation=str(ann_path), image_root=str(image_root))
+        # IFNet's own features (frozen or top-tuned); the IEC ablation compares the three IEC variants on
+        # frozen features, where each has its own cached set.
+        main = dict(base, features_dir=main_source["features_dir"], feature_kind=main_source["feature_kind"],
+                    overrides=overrides + main_source["overrides"])
+        tuned = main_source["feature_kind"] is not None
         runs = cache / "runs"
         if "main" in parts:
-            specs.append(JobSpec(name="IFNet", iec=main_iec, out_dir=str(runs / "ifnet"), **base))
+            specs.append(JobSpec(name="IFNet", iec=main_iec, out_dir=str(runs / "ifnet"), **main))
             # The text-only floor keeps its epoch on plain beam search: guided validation decoding (the
             # config's eval.guidance) degenerates for a model that sees no findings. Its test decode still
             # picks the condition mode and guidance weight on validation, as IFNet's does.
             specs.append(JobSpec(name="floor: text-only (blank images)", iec="none", blank=True,
                                  out_dir=str(runs / "text_only"),
-                                 **dict(base, overrides=overrides + ["eval.guidance=0"])))
+                                 **dict(main, overrides=main["overrides"] + ["eval.guidance=0"])))
         if "ablations" in parts:
             for kind in IEC_KINDS:
-                if kind != main_iec:
-                    specs.append(JobSpec(name=f"IFNet iec={kind}", iec=kind, out_dir=str(runs / f"ifnet_iec_{kind}"),
-                                         **base))
-            soft = dict(base, overrides=overrides + ["model.transformer.attention=softmax"])
+                if kind != main_iec or tuned:
+                    name = f"IFNet iec={kind}" + (" (frozen CNN)" if tuned else "")
+                    specs.append(JobSpec(name=name, iec=kind, out_dir=str(runs / f"ifnet_iec_{kind}"), **base))
+            soft = dict(main, overrides=main["overrides"] + ["model.transformer.attention=softmax"])
             specs.append(JobSpec(name="IFNet softmax attention", iec=main_iec, out_dir=str(runs / "ifnet_softmax"),
                                  **soft))
         if "seeds" in parts:
             for seed in range(cfg.seed, cfg.seed + (2 if args.smoke else args.seeds)):
                 specs.append(JobSpec(name=f"IFNet seed={seed}", iec=main_iec, out_dir=str(runs / f"ifnet_seed{seed}"),
-                                     **dict(base, overrides=overrides + [f"seed={seed}"])))
+                                     **dict(main, overrides=main["overrides"] + [f"seed={seed}"])))
         jobs = pool.map(train_and_decode, specs, chunksize=1)
         clock.lap("IFNet jobs")
     finally:
@@ -378,11 +477,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "config": {"file": str(args.config.relative_to(REPO)) if args.config.is_relative_to(REPO) else str(args.config),
                    "overrides": overrides, "resolved": json.loads(json.dumps(_to_dict(cfg)))},
         "iec_for_ifnet": main_iec,
+        "top_tuning": tuning_info,
+        "probe_for_goals": probe_key,
         "constant_report": constant_text,
         "probe": probes,
         "systems": systems,
         "ifnet_jobs": job_info,
-        "goals": check_goals(systems, probes[main_iec]) if "main" in parts else {},
+        "goals": check_goals(systems, probes[probe_key]) if "main" in parts else {},
     }
     if "seeds" in parts:
         result["seeds"] = seed_summary({n: s for n, s in systems.items() if n.startswith("IFNet seed=")})

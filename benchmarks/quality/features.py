@@ -137,10 +137,11 @@ def compute_features_from(ds: "_TwoWay", *, with_clahe: bool, extractor: str, ba
 
 
 def assemble(feats: dict[str, dict[str, Tensor]], low: dict[str, list[bool]]) -> dict[str, FeatureSet]:
-    """FeatureSets for none (and clahe + adaptive when CLAHE features exist), sharing one mask dict."""
-    masks = {sid: torch.ones(f.shape[0], dtype=torch.bool) for sid, f in feats["none"].items()}
+    """A FeatureSet per stored kind (plus adaptive when none and clahe exist), sharing one mask dict."""
+    first = next(iter(feats.values()))
+    masks = {sid: torch.ones(f.shape[0], dtype=torch.bool) for sid, f in first.items()}
     sets = {k: FeatureSet(v, masks) for k, v in feats.items()}
-    if "clahe" in feats:
+    if "clahe" in feats and "none" in feats:
         sets["adaptive"] = FeatureSet({sid: torch.where(torch.tensor(low[sid])[:, None, None, None],
                                                         feats["clahe"][sid], feats["none"][sid])
                                        for sid in feats["none"]}, masks)
@@ -163,13 +164,63 @@ def load_sets(folder: Path, kinds: Sequence[str] = ("none", "clahe")) -> tuple[d
     return assemble(feats, low), low
 
 
-def blank_features(cfg: ImageConfig, views: int, extractor: str = "efficientnet_lite0") -> Tensor:
+def blank_features(cfg: ImageConfig, views: int, extractor: str = "efficientnet_lite0",
+                   weights_path: Optional[str] = None) -> Tensor:
     """Features ``[V, C, h, w]`` of an all-black image in every view: the text-only floor's input."""
     from ifnet.models.visual import create_extractor
 
-    net = create_extractor(extractor, pretrained=True, freeze=True).eval()
+    net = create_extractor(extractor, pretrained=True, weights_path=weights_path, freeze=True).eval()
     img = np.zeros((cfg.image_size, cfg.image_size), dtype=np.uint8)
     x = ImageTransform(cfg, train=False).to_tensor(img)[None]
     with torch.no_grad():
         y = net.forward_features(x).to(torch.float16)
     return y.expand(views, *y.shape[1:]).contiguous()
+
+
+# -- top tuning (ifnet.models.tuning): bottom activations once, the tuned top's features from them -------
+
+def compute_mid_shard(studies: Sequence[Study], image_root: Path, cfg: ImageConfig, out_path: Path,
+                      extractor: str = "efficientnet_lite0") -> float:
+    """Worker job: the pretrained trunk's *bottom* activations (``split()``: below the stride-32 stage) of
+    every view of ``studies``, after the IEC of ``cfg.iec``, as float16 ``[V, C', h', w']`` per study in one
+    safetensors file. Returns the seconds taken."""
+    from safetensors.torch import save_file
+
+    from ifnet.models.visual import create_extractor
+
+    t0 = time.time()
+    net = create_extractor(extractor, pretrained=True, freeze=True).eval()
+    bottom, _ = net.split()
+    bottom = bottom.to(memory_format=torch.channels_last)
+    transform = ImageTransform(cfg, train=False)
+    out: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for start in range(0, len(studies), 8):
+            chunk = studies[start:start + 8]
+            views = [[transform(read_xray(image_root / rel)) for rel in s.image_paths[: cfg.max_views]] for s in chunk]
+            x = torch.cat([torch.stack(v) for v in views]).contiguous(memory_format=torch.channels_last)
+            y = bottom(x).to(torch.float16).contiguous()
+            offset = 0
+            for s, v in zip(chunk, views):
+                out[s.id] = y[offset:offset + len(v)].clone()
+                offset += len(v)
+    save_file(out, str(out_path))
+    return time.time() - t0
+
+
+@torch.no_grad()
+def top_features(top: torch.nn.Module, mids: dict[str, Tensor], batch: int = 32) -> dict[str, Tensor]:
+    """The tuned top applied to stored bottom activations: id -> ``[V, C, h, w]`` float16."""
+    top.eval()
+    out: dict[str, Tensor] = {}
+    ids = list(mids)
+    for start in range(0, len(ids), batch):
+        chunk = ids[start:start + batch]
+        x = torch.cat([mids[i].float() for i in chunk])
+        y = top(x).to(torch.float16).contiguous()
+        offset = 0
+        for sid in chunk:
+            v = mids[sid].shape[0]
+            out[sid] = y[offset:offset + v].clone()
+            offset += v
+    return out

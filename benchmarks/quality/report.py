@@ -29,9 +29,11 @@ def systems_table(result: dict) -> list[str]:
         job = result.get("ifnet_jobs", {}).get(name, {})
         auc = job.get("label_head_test", {}).get("mean_auc")
         lines.append(_row([name] + [_f(s.get(m)) for m in cols] + [_f(auc)]))
-    probe = result["probe"][result["iec_for_ifnet"]]["test"]
+    key = result.get("probe_for_goals", result["iec_for_ifnet"])
+    probe = result["probe"][key]["test"]
     probe_cells = {"CE_F1_macro": probe["F1_macro"], "CE_F1_micro_13": probe["F1_micro_13"]}
-    lines.append(_row([f"probe: labels directly (iec={result['iec_for_ifnet']})"]
+    lines.append(_row([f"probe: labels directly (iec={result['iec_for_ifnet']}"
+                       + (", top-tuned CNN)" if key == "tuned" else ")")]
                       + [_f(probe_cells[m]) if m in probe_cells else "" for m in cols] + [_f(probe["mean_auc"])]))
     return lines
 
@@ -53,7 +55,8 @@ def iec_tables(parts: dict) -> list[str]:
              _row(["---"] + ["---:"] * 9)]
     for kind, p in res["probe"].items():
         lq, nq = p["test_low_quality"], p["test_normal_quality"]
-        lines.append(_row([kind, _f(p["val"]["mean_auc"]), _f(p["test"]["F1_macro"]), _f(p["test"]["F1_micro_13"]),
+        label = f"{res['iec_for_ifnet']} + top tuning" if kind == "tuned" else kind
+        lines.append(_row([label, _f(p["val"]["mean_auc"]), _f(p["test"]["F1_macro"]), _f(p["test"]["F1_micro_13"]),
                            _f(p["test"]["mean_auc"]), _f(lq["F1_macro"]), _f(lq["F1_micro_13"]), _f(lq["mean_auc"]),
                            _f(nq["F1_macro"]), _f(nq["mean_auc"])]))
     rows = []
@@ -64,7 +67,8 @@ def iec_tables(parts: dict) -> list[str]:
         for name, s in r["systems"].items():
             if not name.startswith("IFNet") or "softmax" in name:
                 continue
-            kind = r["ifnet_jobs"][name]["iec"]
+            job = r["ifnet_jobs"][name]
+            kind = (job["iec"], job.get("feature_kind") == "tuned")
             if any(k == kind for k, _ in rows):
                 continue
             rows.append((kind, s))
@@ -75,9 +79,9 @@ def iec_tables(parts: dict) -> list[str]:
                         "normal CE micro-F1 (13)"]),
                   _row(["---"] + ["---:"] * 10)]
         order = {"none": 0, "clahe": 1, "adaptive": 2}
-        for kind, s in sorted(rows, key=lambda r: order[r[0]]):
+        for (kind, tuned), s in sorted(rows, key=lambda r: (order[r[0][0]], r[0][1])):
             lq, nq = s.get("low_quality", {}), s.get("normal_quality", {})
-            lines.append(_row([kind, _f(s["BLEU_4"]), _f(s.get("METEOR")), _f(s["ROUGE_L"]), _f(s["CIDEr"]),
+            lines.append(_row([kind + (" + top tuning" if tuned else ""), _f(s["BLEU_4"]), _f(s.get("METEOR")), _f(s["ROUGE_L"]), _f(s["CIDEr"]),
                                _f(s["CE_F1_macro"]), _f(s["CE_F1_micro_13"]), _f(lq.get("BLEU_4")),
                                _f(lq.get("CE_F1_macro")), _f(lq.get("CE_F1_micro_13")), _f(nq.get("CE_F1_micro_13"))]))
     return lines
@@ -150,6 +154,22 @@ def console_table(result: dict) -> str:
     return "\n".join(out)
 
 
+def tuning_lines(r: dict) -> list[str]:
+    """One paragraph on the top tuning of the run (ifnet.models.tuning), or nothing when it was off."""
+    t = r.get("top_tuning")
+    if not t:
+        return []
+    hist = ", ".join(f"{h['val_mean_auc']:.3f}" for h in t["history"])
+    frozen, tuned = r["probe"][r["iec_for_ifnet"]]["val"]["mean_auc"], r["probe"]["tuned"]["val"]["mean_auc"]
+    return [f"Top tuning (`ifnet.models.tuning`): EfficientNet-Lite0's stride-32 stage and head conv trained on "
+            f"the {r['iec_for_ifnet']} images' cached activations against the training labels (labeler on the "
+            f"findings + CheXbert), {len(t['history'])} epochs in {t['seconds'] / 60:.1f} min"
+            + (" (loaded from the cache of an earlier run)" if t.get("cached") else "")
+            + f"; validation mean AUC of its head on the findings labels per epoch {hist}, epoch "
+            f"{t['best_epoch']} kept. Probe validation mean AUC: frozen {frozen:.3f}, tuned {tuned:.3f}, so IFNet, "
+            f"retrieval and the goals' probe use the **{'tuned' if t['used'] else 'frozen'}** features.", ""]
+
+
 def generated_section(merged: dict) -> str:
     parts = merged["parts"]
     main = parts.get("all") or parts.get("main")
@@ -166,6 +186,7 @@ def generated_section(merged: dict) -> str:
                 + ("were loaded from the cache of an earlier run (the wall time excludes computing them)."
                    if feats.get("cached") else f"were computed in this run ({sum(feats['shard_seconds']):.0f} "
                                                 f"job-seconds)."), "",
+                *tuning_lines(main),
                 "### Systems on the test split (590 studies)", "", *systems_table(main), "",
                 "### Goals", "", *goals_table(main), ""]
         ifnet = main["ifnet_jobs"].get("IFNet")

@@ -36,8 +36,9 @@ class JobSpec:
     config_path: str  # YAML of the CPU-budget config
     overrides: list[str]  # --set style "key=value"
     features_dir: str  # folder of feature shards (features.load_sets)
-    iec: str  # none | clahe | adaptive: which feature set trains and decodes
+    iec: str  # none | clahe | adaptive: which feature set trains and decodes (and the run config's data.iec)
     out_dir: str
+    feature_kind: Optional[str] = None  # the stored kind to load instead of ``iec`` (the top-tuned features)
     blank: bool = False  # text-only floor: every study gets the features of a black image
     test_ids: list[str] = field(default_factory=list)
     annotation: str = ""
@@ -57,11 +58,15 @@ def _feature_source(spec: JobSpec, cfg: Any) -> Any:
     from quality.features import FeatureSet, blank_features, load_sets
     from ifnet.train.data import image_config
 
-    kinds = ("none",) if spec.iec == "none" or spec.blank else ("none", "clahe")
-    sets, _ = load_sets(Path(spec.features_dir), kinds)
-    source = sets[spec.iec if not spec.blank else "none"]
+    if spec.feature_kind:
+        kind = spec.feature_kind
+        sets, _ = load_sets(Path(spec.features_dir), (kind,))
+    else:
+        kind = "none" if spec.blank else spec.iec
+        sets, _ = load_sets(Path(spec.features_dir), ("none",) if kind == "none" else ("none", "clahe"))
+    source = sets[kind]
     if spec.blank:
-        blank = blank_features(image_config(cfg.data), cfg.data.max_views, cfg.model.extractor)
+        blank = blank_features(image_config(cfg.data), cfg.data.max_views, cfg.model.extractor, cfg.model.weights_path)
         return FeatureSet({sid: blank for sid in source.features}, source.masks)
     del sets
     return source
@@ -183,7 +188,7 @@ def train_and_decode(spec: JobSpec) -> dict:
     cond = test_probs if mode == "probabilities" else apply_thresholds(test_probs, thresholds)
     test_hyps = _decode(model, tokenizer, spec.test_ids, source, cfg, cond, beam, max_len, guidance)
     return {
-        "name": spec.name, "iec": spec.iec, "blank": spec.blank,
+        "name": spec.name, "iec": spec.iec, "feature_kind": spec.feature_kind, "blank": spec.blank,
         "best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
         f"best_val_{cfg.eval.monitor}": result.best_score,
         "history": [{k: v for k, v in row.items() if isinstance(v, (int, float, str))} for row in result.history],

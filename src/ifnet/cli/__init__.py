@@ -28,6 +28,7 @@ COMMANDS: dict[str, str] = {
     "label": "label reports with the 14 CheXpert observations (offline rule-based labeler)",
     "score": "BLEU/METEOR/ROUGE-L/CIDEr and clinical efficacy of generated vs reference reports",
     "train": "train IFNet from a YAML config",
+    "tune-top": "fine-tune the top stage of the CNN on the training labels (CPU), for model.weights_path",
     "evaluate": "decode a split with a checkpoint and score it",
     "generate": "write the report for one new study (PNG, JPEG or DICOM)",
     "reproduce": "train and evaluate with several seeds, report mean +- std",

@@ -87,6 +87,28 @@ class VisualExtractor(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_features(x)
 
+    #: Index into :meth:`stages` of the first stage at stride 32: where top tuning starts by default.
+    tune_from: int
+
+    def stages(self) -> list[nn.Module]:
+        """The trunk as modules applied in order: ``forward_features(x)`` equals running ``x`` through them."""
+        raise NotImplementedError
+
+    def split(self, at: Optional[int] = None) -> tuple[nn.Sequential, nn.Sequential]:
+        """``(bottom, top)``: the stages before and from index ``at`` (default :attr:`tune_from`).
+
+        Both share this extractor's modules, so training ``top`` changes the extractor itself.
+        """
+        stages = self.stages()
+        at = self.tune_from if at is None else at
+        if not 0 < at < len(stages):
+            raise ValueError(f"split point {at} outside 1..{len(stages) - 1} for this extractor's {len(stages)} stages")
+        return nn.Sequential(*stages[:at]), nn.Sequential(*stages[at:])
+
+    def trunk_state_dict(self) -> Dict[str, Tensor]:
+        """The weights in the naming this extractor's ``weights_path`` accepts (to save a tuned trunk)."""
+        raise NotImplementedError
+
     def freeze(self) -> "VisualExtractor":
         """Stop training the trunk: no gradients, and BatchNorm keeps its ImageNet running statistics."""
         self.frozen = True
@@ -173,9 +195,26 @@ class ResNetExtractor(VisualExtractor):
         self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
         self.out_channels = net.layer4[-1].conv1.in_channels
 
+    tune_from = 4  # layer4
+
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.stem(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def stages(self) -> list[nn.Module]:
+        return [self.stem, self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def trunk_state_dict(self) -> Dict[str, Tensor]:
+        """torchvision names (``conv1.weight``, ``bn1.*``, ``layerN.*``), as the ResNet loader reads them."""
+        stem = {"0": "conv1", "1": "bn1"}
+        out = {}
+        for name, t in self.state_dict().items():
+            head, _, rest = name.partition(".")
+            if head == "stem":
+                idx, _, rest = rest.partition(".")
+                name = f"{stem[idx]}.{rest}"
+            out[name] = t.detach().clone()
+        return out
 
 
 def _resnet_factory(depth: int) -> ExtractorFactory:
@@ -250,8 +289,18 @@ class EfficientNetLite0Extractor(VisualExtractor):
                 self.net, weights_path if weights_path is not None else shipped_efficientnet_lite0_path())
         self.out_channels = self.net.num_features
 
+    tune_from = 6  # blocks[5], the first stride-32 stage (192 channels)
+
     def forward_features(self, x: Tensor) -> Tensor:
         return self.net.forward_features(x)
+
+    def stages(self) -> list[nn.Module]:
+        net = self.net
+        return [nn.Sequential(net.conv_stem, net.bn1), *net.blocks, nn.Sequential(net.conv_head, net.bn2)]
+
+    def trunk_state_dict(self) -> Dict[str, Tensor]:
+        """timm names, which :func:`load_efficientnet_lite0_weights` loads as they are."""
+        return {k: t.detach().clone() for k, t in self.net.state_dict().items()}
 
 
 @register_extractor("efficientnet_lite0")
