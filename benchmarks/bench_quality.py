@@ -171,8 +171,8 @@ def top_tuned_folder(studies: list, ids: dict[str, list[str]], image_root: Path,
     import torch
     from safetensors.torch import load_file, save_file
 
-    from quality.features import compute_mid_shard, fingerprint, top_features
-    from ifnet.models.tuning import tune_top
+    from quality.features import compute_mid_shard, fingerprint
+    from ifnet.models.tuning import apply_per_study, tune_top
     from ifnet.models.visual import create_extractor
 
     cfg = replace(image_cfg, iec=iec)
@@ -203,7 +203,7 @@ def top_tuned_folder(studies: list, ids: dict[str, list[str]], image_root: Path,
                           [mids[i] for i in ids["val"]], select_val, select=list(range(select_val.shape[1])),
                           views=image_cfg.max_views, config=tuning_cfg, log=lambda m: print(m, flush=True))
         _, top = net.split()
-        feats = top_features(top, mids)
+        feats = apply_per_study(top.eval(), mids.items(), batch_size=32)
     finally:
         torch.set_num_threads(1)
     folder.mkdir(parents=True, exist_ok=True)

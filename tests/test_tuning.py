@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from ifnet.baselines import roc_auc
-from ifnet.models.tuning import TopTuningConfig, pool_views, tune_top
+from ifnet.models.tuning import TopTuningConfig, apply_per_study, pool_views, tune_top
 from ifnet.models.visual import create_extractor
 
 
@@ -66,6 +66,20 @@ def test_pool_views_zeroes_absent_views():
     assert out.shape == (2, 6)
     torch.testing.assert_close(out[0, :3], f[0, 0].mean(dim=(1, 2)))
     assert torch.all(out[1, 3:] == 0)
+
+
+def test_apply_per_study_batches_views_and_splits_them_back():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(3, 4, 3, stride=2).eval()
+    studies = [(f"s{i}", torch.randn(1 + i % 2, 3, 8, 8)) for i in range(5)]  # 1 or 2 views each
+    for batch_size, channels_last in ((2, False), (16, True)):
+        out = apply_per_study(conv, iter(studies), batch_size=batch_size, channels_last=channels_last)
+        assert list(out) == [sid for sid, _ in studies]
+        for sid, views in studies:
+            with torch.no_grad():
+                want = conv(views).to(torch.float16)
+            assert out[sid].dtype == torch.float16 and out[sid].shape == want.shape
+            torch.testing.assert_close(out[sid], want)
 
 
 def _toy_problem(n: int, seed: int):

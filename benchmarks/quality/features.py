@@ -177,7 +177,7 @@ def blank_features(cfg: ImageConfig, views: int, extractor: str = "efficientnet_
     return y.expand(views, *y.shape[1:]).contiguous()
 
 
-# -- top tuning (ifnet.models.tuning): bottom activations once, the tuned top's features from them -------
+# -- top tuning (ifnet.models.tuning): the pretrained trunk's bottom activations, once per image ---------
 
 def compute_mid_shard(studies: Sequence[Study], image_root: Path, cfg: ImageConfig, out_path: Path,
                       extractor: str = "efficientnet_lite0") -> float:
@@ -186,6 +186,7 @@ def compute_mid_shard(studies: Sequence[Study], image_root: Path, cfg: ImageConf
     safetensors file. Returns the seconds taken."""
     from safetensors.torch import save_file
 
+    from ifnet.models.tuning import apply_per_study
     from ifnet.models.visual import create_extractor
 
     t0 = time.time()
@@ -193,34 +194,7 @@ def compute_mid_shard(studies: Sequence[Study], image_root: Path, cfg: ImageConf
     bottom, _ = net.split()
     bottom = bottom.to(memory_format=torch.channels_last)
     transform = ImageTransform(cfg, train=False)
-    out: dict[str, Tensor] = {}
-    with torch.no_grad():
-        for start in range(0, len(studies), 8):
-            chunk = studies[start:start + 8]
-            views = [[transform(read_xray(image_root / rel)) for rel in s.image_paths[: cfg.max_views]] for s in chunk]
-            x = torch.cat([torch.stack(v) for v in views]).contiguous(memory_format=torch.channels_last)
-            y = bottom(x).to(torch.float16).contiguous()
-            offset = 0
-            for s, v in zip(chunk, views):
-                out[s.id] = y[offset:offset + len(v)].clone()
-                offset += len(v)
-    save_file(out, str(out_path))
+    views = ((s.id, torch.stack([transform(read_xray(image_root / rel)) for rel in s.image_paths[: cfg.max_views]]))
+             for s in studies)
+    save_file(apply_per_study(bottom, views, batch_size=8, channels_last=True), str(out_path))
     return time.time() - t0
-
-
-@torch.no_grad()
-def top_features(top: torch.nn.Module, mids: dict[str, Tensor], batch: int = 32) -> dict[str, Tensor]:
-    """The tuned top applied to stored bottom activations: id -> ``[V, C, h, w]`` float16."""
-    top.eval()
-    out: dict[str, Tensor] = {}
-    ids = list(mids)
-    for start in range(0, len(ids), batch):
-        chunk = ids[start:start + batch]
-        x = torch.cat([mids[i].float() for i in chunk])
-        y = top(x).to(torch.float16).contiguous()
-        offset = 0
-        for sid in chunk:
-            v = mids[sid].shape[0]
-            out[sid] = y[offset:offset + v].clone()
-            offset += v
-    return out

@@ -16,6 +16,7 @@ import argparse
 import importlib
 import importlib.util
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from ifnet import __version__
@@ -36,6 +37,14 @@ COMMANDS: dict[str, str] = {
     "export": "export a checkpoint to ONNX (optionally int8)",
     "demo": "the whole pipeline on a generated sample, no download needed",
 }
+
+
+def add_config_arguments(parser: argparse.ArgumentParser, config_help: str) -> None:
+    """``--config`` (a YAML run config) and repeatable ``--set key=value`` overrides, as the commands that
+    resolve a training config (:func:`ifnet.config.resolve`) all take them."""
+    parser.add_argument("--config", type=Path, help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, dotted path (e.g. --set optim.epochs=5); repeatable")
 
 
 def _module_name(command: str) -> str:

@@ -10,14 +10,14 @@ import argparse
 import math
 from pathlib import Path
 
+from ifnet.cli import add_config_arguments
 from ifnet.errors import IFNetError, UsageError
 
 HELP = "train and evaluate with several seeds, report mean +- std"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML training config")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_config_arguments(parser, "YAML training config")
     parser.add_argument("--seeds", type=int, default=3, help="number of seeds: config seed, seed+1, ... (default 3)")
     parser.add_argument("--split", default="test", help="split each best checkpoint is evaluated on (default test)")
     parser.add_argument("--out", type=Path, required=True, help="output folder: one run per seed + summary")

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ifnet.cli import add_config_arguments
 from ifnet.errors import IFNetError, UsageError
 
 HELP = "train IFNet from a YAML config"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config (e.g. configs/iu_xray.yaml); defaults apply without one")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, dotted path (e.g. --set optim.epochs=5); repeatable")
+    add_config_arguments(parser, "YAML config (e.g. configs/iu_xray.yaml); defaults apply without one")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, resolved config)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its `last` checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if --out already holds a run")

@@ -20,15 +20,14 @@ import json
 import time
 from pathlib import Path
 
+from ifnet.cli import add_config_arguments
 from ifnet.errors import IFNetError
 
 HELP = "fine-tune the top stage of the CNN on the training labels (CPU), for model.weights_path"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", type=Path, help="YAML config of the run that will use the tuned trunk")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, dotted path; repeatable")
+    add_config_arguments(parser, "YAML config of the run that will use the tuned trunk")
     parser.add_argument("--out", type=Path, required=True, help="tuned trunk to write (.safetensors)")
     parser.add_argument("--extra-labels", type=Path, default=None,
                         help="a second label file (same format as data.labels) whose 14 columns are extra targets")
@@ -50,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     from ifnet.data.images import read_xray
     from ifnet.data.transforms import ImageTransform
     from ifnet.io_utils import atomic_write_bytes, check_writable_target
-    from ifnet.models.tuning import TopTuningConfig, tune_top
+    from ifnet.models.tuning import TopTuningConfig, apply_per_study, tune_top
     from ifnet.models.visual import create_extractor
     from ifnet.train.config import TrainConfig
     from ifnet.train.data import image_config
@@ -88,18 +87,10 @@ def run(args: argparse.Namespace) -> int:
     bottom, _ = net.split()
     transform = ImageTransform(image_config(d), train=False)
     t0 = time.time()
-    mids: dict[str, torch.Tensor] = {}
-    with torch.no_grad():
-        studies = train + val
-        for start in range(0, len(studies), 16):
-            chunk = studies[start:start + 16]
-            views = [[transform(read_xray(p)) for p in ann.image_files(s)[: d.max_views]] for s in chunk]
-            y = bottom(torch.cat([torch.stack(v) for v in views])).to(torch.float16)
-            offset = 0
-            for s, v in zip(chunk, views):
-                mids[s.id] = y[offset:offset + len(v)].clone()
-                offset += len(v)
-    print(f"bottom activations of {len(studies)} studies in {time.time() - t0:.0f} s", flush=True)
+    views = ((s.id, torch.stack([transform(read_xray(p)) for p in ann.image_files(s)[: d.max_views]]))
+             for s in train + val)
+    mids = apply_per_study(bottom, views, batch_size=16)
+    print(f"bottom activations of {len(mids)} studies in {time.time() - t0:.0f} s", flush=True)
     y_val = np.stack([labels[s.id] for s in val])
     result = tune_top(net, [mids[s.id] for s in train], np.stack([targets[s.id] for s in train]),
                       [mids[s.id] for s in val], y_val, select=list(range(y_val.shape[1])),

@@ -27,7 +27,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import numpy as np
 import torch
@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ifnet.models.visual import VisualExtractor
 
-__all__ = ["TopTuningConfig", "TuningResult", "TopWithHead", "tune_top", "pool_views"]
+__all__ = ["TopTuningConfig", "TuningResult", "TopWithHead", "tune_top", "pool_views", "apply_per_study"]
 
 
 @dataclass
@@ -58,6 +58,37 @@ class TuningResult:
     history: list[dict] = field(default_factory=list)  # per epoch: loss, val_mean_auc, seconds
     config: dict = field(default_factory=dict)
     seconds: float = 0.0
+
+
+@torch.no_grad()
+def apply_per_study(module: nn.Module, studies: Iterable[tuple[str, Tensor]], *, batch_size: int = 16,
+                    channels_last: bool = False) -> dict[str, Tensor]:
+    """Run ``module`` over each study's views: ``(id, [v, ...])`` pairs -> id -> float16 outputs ``[v, ...]``.
+
+    The views of ``batch_size`` studies go through ``module`` as one batch (``studies`` may be a generator
+    that reads images lazily); ``channels_last`` lays the batch out for a channels-last module.
+    """
+    out: dict[str, Tensor] = {}
+    chunk: list[tuple[str, Tensor]] = []
+
+    def flush() -> None:
+        x = torch.cat([views.float() for _, views in chunk])
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = module(x).to(torch.float16).contiguous()
+        offset = 0
+        for sid, views in chunk:
+            out[sid] = y[offset:offset + views.shape[0]].clone()
+            offset += views.shape[0]
+        chunk.clear()
+
+    for item in studies:
+        chunk.append(item)
+        if len(chunk) == batch_size:
+            flush()
+    if chunk:
+        flush()
+    return out
 
 
 def pool_views(features: Tensor, mask: Tensor) -> Tensor:
