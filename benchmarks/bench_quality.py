@@ -436,8 +436,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pool.join()
 
     job_info = {}
+    val_hyps = {}
     for spec, res in zip(specs, jobs):
         hyps[spec.name] = res.pop("test_hyps")
+        val_hyps[spec.name] = res.pop("val_hyps")
         job_info[spec.name] = res
     systems = {}
     for name, h in hyps.items():
@@ -445,6 +447,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"scored {name}: BLEU_4 {systems[name]['BLEU_4']:.3f}  CE_F1_macro {systems[name]['CE_F1_macro']:.3f}",
               flush=True)
     clock.lap("scoring")
+
+    # Validation CE against two truths (a diagnostic, never used for a choice): the findings text, as CE
+    # everywhere else, and the CheXbert labels the images were drawn from (given for train and val only).
+    from ifnet.data.annotation import load_label_file
+    from quality.truths import two_truth_view
+
+    drawn = load_label_file(str(args.shared / CHEXBERT_LABELS))
+    val_truths = two_truth_view(
+        train_reports=train_reports, y_train=to_binary(reference_labels(dict(zip(ids["train"], train_reports)),
+                                                                         cleaner=cfg.data.cleaner)),
+        drawn_train=np.stack([drawn[i] for i in ids["train"]]), y_val=to_binary(val_codes),
+        drawn_val=np.stack([drawn[i] for i in ids["val"]]), x_train=main_set.pooled(ids["train"]),
+        x_val=main_set.pooled(ids["val"]), val_ids=ids["val"], generated=val_hyps,
+        label_fn=lambda texts: to_binary(reference_labels(texts, cleaner=cfg.data.cleaner)))
+    clock.lap("two-truth view")
 
     # Label-head view of each IFNet job, scored like the probe (thresholds from validation).
     from ifnet.baselines import apply_thresholds, label_scores
@@ -485,6 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "systems": systems,
         "ifnet_jobs": job_info,
         "goals": check_goals(systems, probes[probe_key]) if "main" in parts else {},
+        "val_truths": val_truths,
     }
     if "seeds" in parts:
         result["seeds"] = seed_summary({n: s for n, s in systems.items() if n.startswith("IFNet seed=")})

@@ -26,8 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 
 from quality.features import load_sets  # noqa: E402
-from quality.floors import constant_floor, retrieval_floor  # noqa: E402
-from quality.truths import cross_fitted_probe, goal_bars, label_retrieval, score_frames  # noqa: E402
+from quality.truths import two_truth_view, view_lines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,49 +86,30 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         y_tr, y_va = lab({s.id: s.report for s in train}), lab({s.id: s.report for s in val})
         d_tr = np.stack([drawn[i] for i in tr_ids]).astype(np.int64)
         d_va = np.stack([drawn[i] for i in va_ids]).astype(np.int64)
-        truths = {"findings text": y_va, "drawn labels": d_va}
-        reports = [s.report for s in train]
+        if not any(a.features.glob(f"shard*-{a.kind}.safetensors")):
+            raise IFNetError(f"{a.features}: no '{a.kind}' feature shards there (a quality benchmark feature folder?)")
         sets = load_sets(a.features, (a.kind,))[0]
         if a.kind not in sets:
             raise IFNetError(f"{a.features}: no '{a.kind}' features there (a quality benchmark feature folder?)")
         fs = sets[a.kind]
-        x_tr, x_va = fs.pooled(tr_ids), fs.pooled(va_ids)
-        systems = {"floor: constant report": lab(constant_floor(reports, va_ids)[0]),
-                   "floor: nearest-neighbour retrieval": lab(retrieval_floor(x_tr, reports, x_va, va_ids))}
-        pick = label_retrieval(d_tr, d_va)
-        systems["retrieval with the true labels (its text)"] = y_tr[pick]
-        for name, path in named:
-            systems[name] = lab(read_predictions(path, va_ids))
-        frames = score_frames(truths, systems)
-        frames["retrieval with the true labels (its drawn labels)"] = {
-            "drawn labels": score_frames({"d": d_va}, {"x": d_tr[pick]})["x"]["d"]}
-        probes = {"findings text": cross_fitted_probe(x_tr, y_tr, x_va, y_va),
-                  "drawn labels": cross_fitted_probe(x_tr, d_tr, x_va, d_va)}
+        generated = {name: read_predictions(path, va_ids) for name, path in named}
+        view = two_truth_view(train_reports=[s.report for s in train], y_train=y_tr, drawn_train=d_tr, y_val=y_va,
+                              drawn_val=d_va, x_train=fs.pooled(tr_ids), x_val=fs.pooled(va_ids), val_ids=va_ids,
+                              generated=generated, label_fn=lab)
     except IFNetError as e:
         print(f"val_truths: {e}", file=sys.stderr)
         return 2
 
-    floors = ("floor: constant report", "floor: nearest-neighbour retrieval")
-    bars = {t: goal_bars({f: frames[f][t]["F1_macro"] for f in floors}, probes[t]["F1_macro"]) for t in truths}
-    print("Validation CE (macro-F1 over 14 / micro-F1 over the 13 findings); synthetic images, not IU-Xray results")
-    print("| system | findings text | drawn labels |\n| --- | ---: | ---: |")
-    for name, row in frames.items():
-        cells = [f"{row[t]['F1_macro']:.3f} / {row[t]['F1_micro_13']:.3f}" if t in row else "" for t in truths]
-        print(f"| {name} | " + " | ".join(cells) + " |")
-    cells = [f"{probes[t]['F1_macro']:.3f} / {probes[t]['F1_micro_13']:.3f} (AUC {probes[t]['mean_auc']:.3f})"
-             for t in truths]
-    print("| label probe, trained on that truth's labels (thresholds cross-fitted) | " + " | ".join(cells) + " |")
-    for t, b in bars.items():
-        print(f"bars against the {t}: 3x best floor ({b['best_floor']}) {b['3x_best_floor']:.3f}; "
-              f"0.9x probe {b['0.9x_probe']:.3f}")
+    print(f"Validation CE ({view['studies']} studies; macro-F1 over 14 / micro-F1 over the 13 findings); "
+          "synthetic images, not IU-Xray results")
+    print("\n".join(view_lines(view)))
     if a.out:
         from ifnet.io_utils import atomic_write_json
 
         atomic_write_json(a.out, {
             "note": "validation split; synthetic-image results, not IU-Xray results",
             "features": str(a.features), "kind": a.kind, "predictions": {n: str(p) for n, p in named},
-            "systems": frames, "bars": bars,
-            "probes": {t: {k: v for k, v in pr.items() if k not in ("pred", "probs")} for t, pr in probes.items()}})
+            **view})
         print(f"wrote {a.out}")
     return 0
 

@@ -105,6 +105,9 @@ def test_cli_end_to_end_and_errors(shared_dir: Path, tmp_path: Path, capsys):
     assert set(res["systems"]) >= {"floor: constant report", "floor: nearest-neighbour retrieval",
                                    "retrieval with the true labels (its text)", "copy"}
     assert set(res["bars"]) == {"findings text", "drawn labels"}
+    assert res["studies"] == len(val) and set(res["probes"]) == {"findings text", "drawn labels"}
+    own = res["systems"]["retrieval with the true labels (its drawn labels)"]["drawn labels"]
+    assert 0.0 <= own["F1_micro_13"] <= 1.0
     assert "not IU-Xray" in capsys.readouterr().out
 
     # an existing --out is kept unless --overwrite
@@ -121,3 +124,41 @@ def test_cli_end_to_end_and_errors(shared_dir: Path, tmp_path: Path, capsys):
     assert str(short) in err and "id" in err and len(err.splitlines()) == 1
     assert val_truths.main(["--shared", str(shared), "--features", str(feats), "--predictions", "nonsense"]) == 2
     assert "NAME=PATH" in capsys.readouterr().err
+    assert val_truths.main(["--shared", str(shared), "--features", str(feats), "--kind", "tuned"]) == 2
+    assert "no 'tuned' feature shards" in capsys.readouterr().err
+
+
+def test_two_truth_view_on_constructed_labels():
+    from quality.truths import two_truth_view, view_lines
+
+    rng = np.random.default_rng(1)
+    n_tr, n_va = 60, 20
+    drawn_tr = (rng.random((n_tr, 14)) < 0.3).astype(np.int64)
+    drawn_va = drawn_tr[rng.integers(0, n_tr, n_va)]  # every validation vector occurs in train
+    flip = lambda y: np.where(rng.random(y.shape) < 0.2, 1 - y, y)  # noqa: E731 - the findings text disagrees a bit
+    y_tr, y_va = flip(drawn_tr), flip(drawn_va)
+    enc = lambda row: "".join(map(str, row))  # noqa: E731 - a "report" that spells out its labels
+    label_fn = lambda texts: np.array([[int(c) for c in t] for t in texts.values()])  # noqa: E731
+    ids = [f"v{i}" for i in range(n_va)]
+    generated = {"says the drawn labels": {i: enc(r) for i, r in zip(ids, drawn_va)},
+                 "floor: text-only": {i: enc(np.zeros(14, int)) for i in ids}}
+    x_tr, x_va = rng.normal(size=(n_tr, 5)), rng.normal(size=(n_va, 5))
+    view = two_truth_view(train_reports=[enc(r) for r in y_tr], y_train=y_tr, drawn_train=drawn_tr, y_val=y_va,
+                          drawn_val=drawn_va, x_train=x_tr, x_val=x_va, val_ids=ids, generated=generated,
+                          label_fn=label_fn)
+    s = view["systems"]
+    assert s["says the drawn labels"]["drawn labels"]["F1_micro_13"] == 1.0
+    assert s["says the drawn labels"]["findings text"]["F1_micro_13"] < 1.0
+    assert s["retrieval with the true labels (its drawn labels)"]["drawn labels"]["F1_micro_13"] == 1.0
+    assert s["floor: text-only"]["drawn labels"]["F1_macro"] == 0.0
+    # the bars take every floor, the generated text-only one included
+    floors = {k: s[k]["drawn labels"]["F1_macro"] for k in s if k.startswith("floor:")}
+    assert len(floors) == 3
+    assert view["bars"]["drawn labels"]["3x_best_floor"] == pytest.approx(3 * max(floors.values()))
+    table = view_lines(view)
+    assert table[0].startswith("| system") and any("says the drawn labels" in line for line in table)
+    from quality.report import truths_lines
+
+    section = truths_lines({"val_truths": view})
+    assert section[0].startswith("### Validation: CE against") and "(20 validation studies" in section[2]
+    assert truths_lines({}) == []  # results written before the view existed

@@ -170,6 +170,22 @@ def tuning_lines(r: dict) -> list[str]:
             f"retrieval and the goals' probe use the **{'tuned' if t['used'] else 'frozen'}** features.", ""]
 
 
+def truths_lines(r: dict) -> list[str]:
+    """The validation two-truth view (benchmarks/quality/truths.py), or nothing for runs that predate it."""
+    view = r.get("val_truths")
+    if not view:
+        return []
+    from .truths import view_lines
+
+    return ["### Validation: CE against the findings text and against the labels the images were drawn from", "",
+            f"A diagnostic, never used for a choice ({view['studies']} validation studies; macro-F1 over the 14 "
+            "labels / micro-F1 over the 13 findings). The first column is the benchmark's CE (the labeler on the "
+            "reference findings text); the second scores the same reports against the CheXbert labels of the "
+            "impression, from which the images were rendered (withheld for test). Each system's IFNet reports are "
+            "those of its chosen validation setting. \"Retrieval with the true labels\" takes the train study "
+            "whose drawn labels are nearest.", "", *view_lines(view), ""]
+
+
 def generated_section(merged: dict) -> str:
     parts = merged["parts"]
     main = parts.get("all") or parts.get("main")
@@ -217,6 +233,7 @@ def generated_section(merged: dict) -> str:
                             f"one unsaid, {c['reports_with_unsupported']} say one not in the condition (F1 macro "
                             f"{c['F1_macro']:.3f}, micro {c['F1_micro']:.3f})" for split, c in checks) + "."]
             out += [""]
+        out += truths_lines(main)
     out += ["### IEC: none vs CLAHE vs adaptive, overall and on the low-quality subset", "", *iec_tables(parts), ""]
     att = attention_table(parts)
     if att:

@@ -164,7 +164,8 @@ def train_and_decode(spec: JobSpec) -> dict:
         val_modes[f"{mode} guidance={w:g}"] = val_scores(hyps)
     chosen = max(settings, key=lambda mw: monitor_score(val_modes[f"{mw[0]} guidance={mw[1]:g}"], cfg.eval.monitor))
     mode, guidance = chosen
-    val_consistency = _consistency(conditions[mode], val_hyps[f"{mode} guidance={guidance:g}"], cfg.data.cleaner)
+    chosen_val_hyps = val_hyps[f"{mode} guidance={guidance:g}"]
+    val_consistency = _consistency(conditions[mode], chosen_val_hyps, cfg.data.cleaner)
     del val_hyps
     # Comparison only, never used for a choice: the chosen setting decoded without the guidance repeat cap
     # (ifnet.decoding.guidance), i.e. as this benchmark decoded before the cap existed.
@@ -203,6 +204,7 @@ def train_and_decode(spec: JobSpec) -> dict:
         "thresholds": {name: dict(row, threshold=float(t)) for (name, row), t in zip(choice.as_dict().items(),
                                                                                    thresholds)},
         "test_hyps": test_hyps,
+        "val_hyps": chosen_val_hyps,  # the chosen setting's validation reports (the two-truth view)
         "test_label_probs": test_probs.tolist(),
         "val_label_probs": val_probs.tolist(), "val_ids": val_ids,
         "train_label_prevalence": train_labels.mean(0).tolist(),

@@ -11,13 +11,15 @@ the drawn-label frame). Nothing here chooses anything: it is a diagnostic.
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
 from ifnet.baselines import LogisticProbe, apply_thresholds, choose_thresholds, label_scores, roc_auc
 
-from .floors import PROBE_L2
+from .floors import PROBE_L2, constant_floor, retrieval_floor
+
+TRUTHS = ("findings text", "drawn labels")
 
 
 def ce_pair(truth: np.ndarray, pred: np.ndarray) -> dict:
@@ -69,3 +71,47 @@ def goal_bars(floors: Mapping[str, float], probe_f1: float) -> dict:
     """The issue's two CE bars in one frame: 3x the best floor and 0.9x the probe's macro-F1."""
     best = max(floors, key=lambda k: floors[k])
     return {"best_floor": best, "3x_best_floor": 3 * floors[best], "0.9x_probe": 0.9 * probe_f1}
+
+
+def two_truth_view(*, train_reports: Sequence[str], y_train: np.ndarray, drawn_train: np.ndarray,
+                   y_val: np.ndarray, drawn_val: np.ndarray, x_train: np.ndarray, x_val: np.ndarray,
+                   val_ids: Sequence[str], generated: Mapping[str, Mapping[str, str]],
+                   label_fn: Callable[[dict], np.ndarray], seed: int = 0) -> dict:
+    """Every system's validation CE against the findings text (``y_val``, the labeler on the references) and
+    against the drawn labels (``drawn_val``), with the floors, retrieval with the true labels and the label
+    probe on features ``x_*`` rebuilt here on validation, and each report generator's ``generated``
+    validation reports (``{name: {id: report}}``; names starting ``floor:`` count as floors for the bars).
+    ``label_fn({id: text}) -> [N, 14]`` 0/1 labels in the dict's order."""
+    ids = list(val_ids)
+    truths = dict(zip(TRUTHS, (np.asarray(y_val), np.asarray(drawn_val))))
+    systems = {"floor: constant report": label_fn(constant_floor(train_reports, ids)[0]),
+               "floor: nearest-neighbour retrieval": label_fn(retrieval_floor(x_train, train_reports, x_val, ids))}
+    for name, hyps in generated.items():
+        systems[name] = label_fn({i: hyps[i] for i in ids})
+    pick = label_retrieval(drawn_train, drawn_val, seed)
+    systems["retrieval with the true labels (its text)"] = np.asarray(y_train)[pick]
+    frames = score_frames(truths, systems)
+    frames["retrieval with the true labels (its drawn labels)"] = {
+        "drawn labels": ce_pair(truths["drawn labels"], np.asarray(drawn_train)[pick])}
+    probes = {t: cross_fitted_probe(x_train, np.asarray(ytr), x_val, truths[t], seed)
+              for t, ytr in zip(TRUTHS, (y_train, drawn_train))}
+    floors = [n for n in frames if n.startswith("floor:")]
+    bars = {t: goal_bars({f: frames[f][t]["F1_macro"] for f in floors}, probes[t]["F1_macro"]) for t in TRUTHS}
+    return {"studies": len(ids), "systems": frames, "bars": bars,
+            "probes": {t: {k: v for k, v in p.items() if k not in ("pred", "probs")} for t, p in probes.items()}}
+
+
+def view_lines(view: dict) -> list[str]:
+    """The view as a markdown table (macro-F1 over 14 / micro-F1 over the 13 findings) and the two bars."""
+    lines = ["| system (validation) | CE vs findings text | CE vs drawn labels |", "| --- | ---: | ---: |"]
+    for name, row in view["systems"].items():
+        cells = [f"{row[t]['F1_macro']:.3f} / {row[t]['F1_micro_13']:.3f}" if t in row else "" for t in TRUTHS]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    pr = view["probes"]
+    lines.append("| label probe trained on that truth's labels (thresholds cross-fitted on validation halves) | "
+                 + " | ".join(f"{pr[t]['F1_macro']:.3f} / {pr[t]['F1_micro_13']:.3f} (AUC {pr[t]['mean_auc']:.3f})"
+                              for t in TRUTHS) + " |")
+    lines.append("")
+    lines += [f"* against the {t}: 3x the best floor ({b['best_floor']}) = {b['3x_best_floor']:.3f}; "
+              f"0.9x the probe = {b['0.9x_probe']:.3f}" for t, b in view["bars"].items()]
+    return lines
