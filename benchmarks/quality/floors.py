@@ -25,22 +25,29 @@ def retrieval_floor(train_x: np.ndarray, train_reports: Sequence[str], test_x: n
     return {sid: train_reports[i] for sid, i in zip(test_ids, idx)}
 
 
+def fit_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
+              l2s: Sequence[float] = PROBE_L2) -> tuple[LogisticProbe, np.ndarray, float, dict[str, float]]:
+    """Fit the label probe for each L2 in ``l2s``; keep the best by validation mean AUC.
+    Returns (probe, its validation probabilities, its L2, validation mean AUC per L2)."""
+    tried = {}
+    best = None
+    for l2 in l2s:
+        probe = LogisticProbe(l2=l2, max_iter=100).fit(x_train, y_train)
+        pv = probe.predict_proba(x_val)
+        score = float(np.nanmean([roc_auc(y_val[:, j], pv[:, j]) for j in range(y_val.shape[1])]))
+        tried[str(l2)] = score
+        if best is None or score > best[0]:
+            best = (score, l2, probe, pv)
+    _, l2, probe, pv = best
+    return probe, pv, l2, tried
+
+
 def run_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
               x_test: np.ndarray, y_test: np.ndarray, subsets: dict[str, np.ndarray]) -> dict:
     """Fit on train for each L2 in PROBE_L2, keep the best by validation mean AUC, thresholds from
     validation, score test (all studies and each boolean ``subsets`` mask) on the 14 labels directly."""
     t0 = time.time()
-    tried = {}
-    best = None
-    for l2 in PROBE_L2:
-        probe = LogisticProbe(l2=l2, max_iter=100).fit(x_train, y_train)
-        pv = probe.predict_proba(x_val)
-        aucs = [roc_auc(y_val[:, j], pv[:, j]) for j in range(y_val.shape[1])]
-        score = float(np.nanmean(aucs))
-        tried[str(l2)] = score
-        if best is None or score > best[0]:
-            best = (score, l2, probe, pv)
-    _, l2, probe, pv = best
+    probe, pv, l2, tried = fit_probe(x_train, y_train, x_val, y_val)
     choice = choose_thresholds(y_val, pv, y_train.mean(0))
     pt = probe.predict_proba(x_test)
     pred = apply_thresholds(pt, choice.thresholds)

@@ -15,9 +15,9 @@ from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ifnet.baselines import LogisticProbe, apply_thresholds, choose_thresholds, label_scores, roc_auc
+from ifnet.baselines import apply_thresholds, choose_thresholds, label_scores
 
-from .floors import PROBE_L2, constant_floor, retrieval_floor
+from .floors import PROBE_L2, constant_floor, fit_probe, retrieval_floor
 
 TRUTHS = ("findings text", "drawn labels")
 
@@ -50,13 +50,8 @@ def cross_fitted_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
     validation (each half is thresholded by the other's choice), so its validation F1 is not scored on the
     studies its thresholds were fitted to. Returns predictions, probabilities and the scores against ``y_val``.
     """
-    best = None
-    for l2 in (l2s or PROBE_L2):
-        pv = LogisticProbe(l2=l2, max_iter=100).fit(x_train, y_train).predict_proba(x_val)
-        auc = float(np.nanmean([roc_auc(y_val[:, j], pv[:, j]) for j in range(y_val.shape[1])]))
-        if best is None or auc > best[0]:
-            best = (auc, l2, pv)
-    auc, l2, pv = best
+    _, pv, l2, tried = fit_probe(x_train, y_train, x_val, y_val, l2s or PROBE_L2)
+    auc = tried[str(l2)]
     half = np.random.default_rng(seed).permutation(len(y_val)) < len(y_val) // 2
     pred = np.zeros_like(np.asarray(y_val), dtype=np.int64)
     for mask in (half, ~half):
