@@ -51,6 +51,7 @@ import numpy as np  # noqa: E402
 from quality import report as report_mod  # noqa: E402
 from quality.floors import constant_floor, retrieval_floor, run_probe  # noqa: E402
 from quality.systems import JobSpec, train_and_decode  # noqa: E402
+from quality.truths import two_truth_view  # noqa: E402  (at the top: a run must not import code changed mid-run)
 
 DEFAULT_SHARED = Path(os.environ.get("IFNET_SHARED", REPO.parent / "shared"))
 IEC_KINDS = ("none", "clahe", "adaptive")
@@ -451,7 +452,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Validation CE against two truths (a diagnostic, never used for a choice): the findings text, as CE
     # everywhere else, and the CheXbert labels the images were drawn from (given for train and val only).
     from ifnet.data.annotation import load_label_file
-    from quality.truths import two_truth_view
 
     drawn = load_label_file(str(args.shared / CHEXBERT_LABELS))
     val_truths = two_truth_view(

@@ -6,6 +6,8 @@ import math
 import re
 from pathlib import Path
 
+from .truths import view_lines
+
 BEGIN, END = "<!-- bench-quality:begin -->", "<!-- bench-quality:end -->"
 NLG = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr")
 CE = ("CE_F1_macro", "CE_F1_micro_13", "CE_F1_micro")
@@ -175,8 +177,6 @@ def truths_lines(r: dict) -> list[str]:
     view = r.get("val_truths")
     if not view:
         return []
-    from .truths import view_lines
-
     return ["### Validation: CE against the findings text and against the labels the images were drawn from", "",
             f"A diagnostic, never used for a choice ({view['studies']} validation studies; macro-F1 over the 14 "
             "labels / micro-F1 over the 13 findings). The first column is the benchmark's CE (the labeler on the "
