@@ -88,10 +88,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         d_va = np.stack([drawn[i] for i in va_ids]).astype(np.int64)
         if not any(a.features.glob(f"shard*-{a.kind}.safetensors")):
             raise IFNetError(f"{a.features}: no '{a.kind}' feature shards there (a quality benchmark feature folder?)")
-        sets = load_sets(a.features, (a.kind,))[0]
-        if a.kind not in sets:
-            raise IFNetError(f"{a.features}: no '{a.kind}' features there (a quality benchmark feature folder?)")
-        fs = sets[a.kind]
+        fs = load_sets(a.features, (a.kind,))[0][a.kind]
         generated = {name: read_predictions(path, va_ids) for name, path in named}
         view = two_truth_view(train_reports=[s.report for s in train], y_train=y_tr, drawn_train=d_tr, y_val=y_va,
                               drawn_val=d_va, x_train=fs.pooled(tr_ids), x_val=fs.pooled(va_ids), val_ids=va_ids,

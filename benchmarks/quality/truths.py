@@ -11,7 +11,7 @@ the drawn-label frame). Nothing here chooses anything: it is a diagnostic.
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -45,12 +45,12 @@ def label_retrieval(train_labels: np.ndarray, val_labels: np.ndarray, seed: int 
 
 
 def cross_fitted_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray, y_val: np.ndarray,
-                       seed: int = 0, l2s: Optional[tuple] = None) -> dict:
+                       seed: int = 0, l2s: Sequence[float] = PROBE_L2) -> dict:
     """The benchmark's label probe (L2 by validation mean AUC), with thresholds cross-fitted on two halves of
     validation (each half is thresholded by the other's choice), so its validation F1 is not scored on the
     studies its thresholds were fitted to. Returns predictions, probabilities and the scores against ``y_val``.
     """
-    _, pv, l2, tried = fit_probe(x_train, y_train, x_val, y_val, l2s or PROBE_L2)
+    _, pv, l2, tried = fit_probe(x_train, y_train, x_val, y_val, l2s)
     auc = tried[str(l2)]
     half = np.random.default_rng(seed).permutation(len(y_val)) < len(y_val) // 2
     pred = np.zeros_like(np.asarray(y_val), dtype=np.int64)
