@@ -176,6 +176,28 @@ def test_newer_input_is_reprocessed(tree, tmp_path, capsys):
     np.testing.assert_array_equal(read_xray(out / "a/x.png"), CLAHE()(_image(9)))
 
 
+def test_foreign_file_in_out_dir_is_kept_unless_overwrite(tree, tmp_path, capsys):
+    out = tmp_path / "out"
+    (out / "a").mkdir(parents=True)
+    theirs = out / "a" / "x.png"
+    cv2.imwrite(str(theirs), _image(7))  # the user's own image where an output would go
+    later = (tree / "a" / "x.png").stat().st_mtime_ns + 10**9  # newer than the input: still not ours
+    os.utime(theirs, ns=(later, later))
+    before = snapshot(out)
+    assert enhance(tree, out) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "enhanced 3, skipped 0 (up to date), failed 1"
+    [line] = [l for l in captured.err.splitlines() if str(theirs) in l]
+    assert "not written by ifnet enhance" in line and "--overwrite" in line
+    assert snapshot(out)["a/x.png"] == before["a/x.png"]  # same bytes, same mtime
+    assert enhance(tree, out) == 1  # a re-run still refuses
+    capsys.readouterr()
+    assert enhance(tree, out, "--overwrite") == 0
+    assert capsys.readouterr().out.strip() == "enhanced 1, skipped 3 (up to date), failed 0"
+    np.testing.assert_array_equal(read_xray(theirs), CLAHE()(read_xray(tree / "a" / "x.png")))
+    assert enhance(tree, out) == 0  # now ours: up to date
+
+
 def test_name_collision_fails_both(tree, tmp_path, capsys):
     cv2.imwrite(str(tree / "z.png"), _image(5))  # z.jpg and z.png both map to z.png
     out = tmp_path / "out"

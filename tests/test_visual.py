@@ -57,7 +57,7 @@ def test_seven_by_seven_grid_at_224():
 
 @pytest.mark.parametrize("name", ["resnet18", "resnet101"])
 def test_pretrained_resnet_without_weights_file_names_the_flag(name):
-    with pytest.raises(IFNetError, match=r"pretrained=True needs weights_path \(--weights-path\).*nothing is downloaded"):
+    with pytest.raises(IFNetError, match=r"pretrained=True needs weights_path \(--set model.weights_path=FILE\).*nothing is downloaded"):
         create_extractor(name, pretrained=True)
 
 

@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "Apply CLAHE (OpenCV, grayscale) to every PNG/JPEG/DICOM under IN_DIR and write lossless "
         "PNGs to OUT_DIR with the same folder layout (x.jpg and x.dcm become x.png; DICOM gives "
         "16-bit PNG). IN_DIR is never modified. Outputs that are up to date (newer than the input "
-        "and made with the same parameters) are skipped, so a re-run changes nothing.")
+        "and made with the same parameters) are skipped, so a re-run changes nothing; a file in OUT_DIR "
+        "that enhance did not write is never replaced without --overwrite.")
     parser.add_argument("in_dir", metavar="IN_DIR", help="folder of input images (searched recursively)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the enhanced PNGs (created if needed)")
     parser.add_argument("--clip-limit", type=_positive_float, default=1.7,
@@ -57,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--in-place", action="store_true",
                         help="allow OUT_DIR to be IN_DIR or inside it. With OUT_DIR = IN_DIR, PNG "
                              "inputs are overwritten by their enhanced versions")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace files in OUT_DIR that ifnet enhance did not write (by default "
+                             "they are left alone and reported as failed)")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
 
@@ -66,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     settings = EnhanceSettings(mode=args.mode, clip_limit=args.clip_limit, tile_grid=args.tile_grid)
     show_bar = not args.quiet and sys.stderr.isatty()
     summary = enhance_tree(args.in_dir, args.out_dir, settings, workers=args.workers,
-                           in_place=args.in_place, progress=show_bar)
+                           in_place=args.in_place, overwrite=args.overwrite, progress=show_bar)
     line = summary.line()
     if settings.mode == "adaptive" and summary.enhanced:
         line += (f"; adaptive: {summary.judged_low} judged low quality and enhanced, "

@@ -225,9 +225,10 @@ def plan(src_root: Path, dst_root: Path, *, in_place: bool) -> Tuple[List[Job], 
     return jobs, failures, ignored
 
 
-def freshness(job: Job, params: dict) -> Tuple[str, str]:
+def freshness(job: Job, params: dict, *, overwrite: bool = False) -> Tuple[str, str]:
     """("fresh" | "stale" | "conflict", message). A conflict is an in-place file already
-    enhanced with other parameters: enhancing it again would apply CLAHE twice."""
+    enhanced with other parameters (enhancing it again would apply CLAHE twice), or a file in
+    OUT_DIR that ``ifnet enhance`` did not write (the user's: replaced only with ``overwrite``)."""
     try:
         dst_stat = os.stat(job.dst)
         src_stat = os.stat(job.src)
@@ -243,6 +244,9 @@ def freshness(job: Job, params: dict) -> Tuple[str, str]:
         return "conflict", (f"{job.src}: already enhanced in place with {json.dumps(stored_params)}; "
                             "enhancing again would apply CLAHE twice. Restore the original or use "
                             "a separate OUT_DIR")
+    if stored is None and not overwrite:
+        return "conflict", (f"{job.dst}: exists and was not written by ifnet enhance; not replaced "
+                            f"(move it away, or pass --overwrite to replace it with the enhanced {job.src})")
     if stored_params != params or dst_stat.st_mtime_ns < src_stat.st_mtime_ns:
         return "stale", ""
     return "fresh", ""
@@ -316,10 +320,13 @@ def _stderr(message: str) -> None:
 
 def enhance_tree(in_dir: os.PathLike | str, out_dir: os.PathLike | str,
                  settings: EnhanceSettings = EnhanceSettings(), *, workers: int = 1,
-                 in_place: bool = False, progress: bool = False,
+                 in_place: bool = False, overwrite: bool = False, progress: bool = False,
                  report: Callable[[str], None] = _stderr) -> EnhanceSummary:
     """Enhance every image under ``in_dir`` into ``out_dir`` (see the module docstring).
 
+    A file already in ``out_dir`` that this function did not write (no ``ifnet-enhance`` chunk) is
+    left alone and counted as failed, unless ``overwrite``; with ``in_place`` and OUT_DIR = IN_DIR
+    the inputs themselves are the outputs, as asked.
     ``workers`` processes (each with a single OpenCV thread); ``progress`` shows a tqdm bar on
     stderr; ``report`` receives one line per failed file as it happens. Raises UsageError for bad
     folders before writing anything; per-file problems are counted in the returned summary.
@@ -336,7 +343,7 @@ def enhance_tree(in_dir: os.PathLike | str, out_dir: os.PathLike | str,
         report(message)
     todo: List[Job] = []
     for job in jobs:
-        state, message = freshness(job, params)
+        state, message = freshness(job, params, overwrite=overwrite)
         if state == "fresh":
             summary.skipped += 1
         elif state == "conflict":

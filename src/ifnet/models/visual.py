@@ -183,7 +183,7 @@ class ResNetExtractor(VisualExtractor):
         name = f"resnet{depth}"
         if pretrained and weights_path is None:
             raise IFNetError(
-                f"extractor {name!r}: pretrained=True needs weights_path (--weights-path), a local torchvision "
+                f"extractor {name!r}: pretrained=True needs weights_path (--set model.weights_path=FILE), a local torchvision "
                 f"{name} state dict (.pth or .safetensors); nothing is downloaded at run time. "
                 "Use extractor 'efficientnet_lite0' for the shipped ImageNet weights, or pretrained=False.")
         net = getattr(torchvision.models, name)(weights=None)
