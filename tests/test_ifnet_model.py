@@ -183,6 +183,13 @@ def test_label_thresholds_are_checked(model):
         tiny_config(condition_mode="soft").validate()
 
 
+def test_weights_path_without_pretrained_is_refused_not_ignored(tmp_path):
+    # The model used to pass weights_path only when pretrained, so the file was silently unused.
+    with pytest.raises(IFNetError, match=r"weights_path is '.*w\.pth' but pretrained is false.*model\.pretrained=true"):
+        tiny_config(weights_path=str(tmp_path / "w.pth")).validate()
+    tiny_config(weights_path=None).validate()  # the default stays valid
+
+
 def test_condition_reaches_every_word_directly(model):
     """The condition embedding: changing only the label vector changes the next-word logits at every step,
     even with the memory read switched off (so it is not only the memory's slot bias)."""

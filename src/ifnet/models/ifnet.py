@@ -96,6 +96,11 @@ class IFNetConfig:
         if self.condition_mode not in CONDITION_MODES:
             raise IFNetError(f"IFNetConfig.condition_mode must be one of {', '.join(CONDITION_MODES)}, got "
                              f"{self.condition_mode!r}")
+        if self.weights_path and not self.pretrained:
+            # Without pretrained the file is never opened: a run would train from random weights
+            # while its config says where the ImageNet (or top-tuned) trunk is.
+            raise IFNetError(f"IFNetConfig.weights_path is {self.weights_path!r} but pretrained is false, so it "
+                             "would be ignored: set model.pretrained=true to load it, or drop model.weights_path")
         if self.d_model % self.memory_heads or self.d_model % 4:
             raise IFNetError(f"transformer.d_model ({self.d_model}) must be divisible by memory_heads "
                              f"({self.memory_heads}) and by 4 (2-D patch positions)")
