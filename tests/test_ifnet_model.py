@@ -185,9 +185,11 @@ def test_label_thresholds_are_checked(model):
 
 def test_weights_path_without_pretrained_is_refused_not_ignored(tmp_path):
     # The model used to pass weights_path only when pretrained, so the file was silently unused.
-    with pytest.raises(IFNetError, match=r"weights_path is '.*w\.pth' but pretrained is false.*model\.pretrained=true"):
-        tiny_config(weights_path=str(tmp_path / "w.pth")).validate()
-    tiny_config(weights_path=None).validate()  # the default stays valid
+    with pytest.raises(IFNetError, match=r"weights_path='.*w\.pth' given but pretrained is False, so it would be "
+                                         r"ignored.*model\.pretrained=true"):
+        IFNet(tiny_config(weights_path=str(tmp_path / "w.pth")))
+    # A checkpoint's config is rebuilt without reading ImageNet weights: its weights_path is not consulted.
+    IFNet(tiny_config(weights_path=str(tmp_path / "w.pth")), load_pretrained=False)
 
 
 def test_condition_reaches_every_word_directly(model):

@@ -213,3 +213,15 @@ def test_tune_top_cli_writes_a_trunk_that_training_loads(phantoms, tmp_path, cap
     err = capsys.readouterr().err
     assert "no labels for 16 of 16 training studies" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "t2.safetensors").exists()
+
+
+def test_tune_top_refuses_a_weights_path_it_would_ignore(phantoms, tmp_path, capsys):
+    from ifnet.cli import main
+
+    out = tmp_path / "trunk.safetensors"
+    argv = ["tune-top", *_sets(phantoms), "--set", "model.pretrained=false",
+            "--set", f"model.weights_path={tmp_path / 'w.pth'}", "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "given but pretrained is False, so it would be ignored" in err[0]
+    assert not out.exists()

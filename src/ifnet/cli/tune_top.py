@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
                              f"(e.g. {missing[0]!r})")
         targets = {i: np.concatenate([t, extra[i].astype(np.float32)]) for i, t in targets.items()}
 
-    net = create_extractor(m.extractor, m.pretrained, m.weights_path if m.pretrained else None, freeze=True).eval()
+    net = create_extractor(m.extractor, m.pretrained, m.weights_path, freeze=True).eval()
     bottom, _ = net.split()
     transform = ImageTransform(image_config(d), train=False)
     t0 = time.time()

@@ -96,11 +96,6 @@ class IFNetConfig:
         if self.condition_mode not in CONDITION_MODES:
             raise IFNetError(f"IFNetConfig.condition_mode must be one of {', '.join(CONDITION_MODES)}, got "
                              f"{self.condition_mode!r}")
-        if self.weights_path and not self.pretrained:
-            # Without pretrained the file is never opened: a run would train from random weights
-            # while its config says where the ImageNet (or top-tuned) trunk is.
-            raise IFNetError(f"IFNetConfig.weights_path is {self.weights_path!r} but pretrained is false, so it "
-                             "would be ignored: set model.pretrained=true to load it, or drop model.weights_path")
         if self.d_model % self.memory_heads or self.d_model % 4:
             raise IFNetError(f"transformer.d_model ({self.d_model}) must be divisible by memory_heads "
                              f"({self.memory_heads}) and by 4 (2-D patch positions)")
@@ -211,7 +206,10 @@ class IFNet(nn.Module):
         self.config = config.validate()
         d = config.d_model
         pretrained = config.pretrained and load_pretrained
-        self.extractor = create_extractor(config.extractor, pretrained, config.weights_path if pretrained else None,
+        # weights_path goes to create_extractor whenever weights may load, so one given without pretrained is
+        # refused there rather than silently ignored (a run would train from random weights).
+        self.extractor = create_extractor(config.extractor, pretrained,
+                                          config.weights_path if load_pretrained else None,
                                           freeze=config.freeze_extractor)
         channels = self.extractor.out_channels
         self.visual_proj = nn.Linear(channels, d)

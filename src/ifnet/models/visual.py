@@ -60,8 +60,8 @@ def create_extractor(name: str, pretrained: bool = False, weights_path: Optional
     except KeyError:
         raise IFNetError(f"unknown extractor {name!r}; choose from {list_extractors()}") from None
     if weights_path is not None and not pretrained:
-        raise IFNetError(f"extractor {name!r}: weights_path={weights_path!r} given but pretrained is False; "
-                         "set pretrained=True to load it")
+        raise IFNetError(f"extractor {name!r}: weights_path={weights_path!r} given but pretrained is False, so it "
+                         "would be ignored; set pretrained=True (model.pretrained=true) to load it, or drop it")
     extractor = factory(pretrained, weights_path)
     if freeze:
         extractor.freeze()
