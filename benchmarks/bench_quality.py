@@ -454,13 +454,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ifnet.data.annotation import load_label_file
 
     drawn = load_label_file(str(args.shared / CHEXBERT_LABELS))
+
+    def findings_labels(texts: dict) -> np.ndarray:  # CE's labels: the labeler on the cleaned text
+        return to_binary(reference_labels(texts, cleaner=cfg.data.cleaner))
+
     val_truths = two_truth_view(
-        train_reports=train_reports, y_train=to_binary(reference_labels(dict(zip(ids["train"], train_reports)),
-                                                                         cleaner=cfg.data.cleaner)),
+        train_reports=train_reports, y_train=findings_labels(dict(zip(ids["train"], train_reports))),
         drawn_train=np.stack([drawn[i] for i in ids["train"]]), y_val=to_binary(val_codes),
         drawn_val=np.stack([drawn[i] for i in ids["val"]]), x_train=main_set.pooled(ids["train"]),
-        x_val=main_set.pooled(ids["val"]), val_ids=ids["val"], generated=val_hyps,
-        label_fn=lambda texts: to_binary(reference_labels(texts, cleaner=cfg.data.cleaner)))
+        x_val=main_set.pooled(ids["val"]), val_ids=ids["val"], generated=val_hyps, label_fn=findings_labels)
     clock.lap("two-truth view")
 
     # Label-head view of each IFNet job, scored like the probe (thresholds from validation).
