@@ -31,6 +31,7 @@ What one run does (every choice on validation only; the test split is decoded on
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import multiprocessing
 import os
@@ -51,7 +52,7 @@ import numpy as np  # noqa: E402
 from quality import report as report_mod  # noqa: E402
 from quality.floors import constant_floor, retrieval_floor, run_probe  # noqa: E402
 from quality.systems import JobSpec, train_and_decode  # noqa: E402
-from quality.truths import two_truth_view  # noqa: E402  (at the top: a run must not import code changed mid-run)
+from quality.truths import findings_labels, two_truth_view  # noqa: E402  (at the top: a run must not import code changed mid-run)
 
 DEFAULT_SHARED = Path(os.environ.get("IFNET_SHARED", REPO.parent / "shared"))
 IEC_KINDS = ("none", "clahe", "adaptive")
@@ -454,15 +455,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ifnet.data.annotation import load_label_file
 
     drawn = load_label_file(str(args.shared / CHEXBERT_LABELS))
-
-    def findings_labels(texts: dict) -> np.ndarray:  # CE's labels: the labeler on the cleaned text
-        return to_binary(reference_labels(texts, cleaner=cfg.data.cleaner))
+    label_fn = functools.partial(findings_labels, cleaner=cfg.data.cleaner)
 
     val_truths = two_truth_view(
-        train_reports=train_reports, y_train=findings_labels(dict(zip(ids["train"], train_reports))),
+        train_reports=train_reports, y_train=label_fn(dict(zip(ids["train"], train_reports))),
         drawn_train=np.stack([drawn[i] for i in ids["train"]]), y_val=to_binary(val_codes),
         drawn_val=np.stack([drawn[i] for i in ids["val"]]), x_train=main_set.pooled(ids["train"]),
-        x_val=main_set.pooled(ids["val"]), val_ids=ids["val"], generated=val_hyps, label_fn=findings_labels)
+        x_val=main_set.pooled(ids["val"]), val_ids=ids["val"], generated=val_hyps, label_fn=label_fn)
     clock.lap("two-truth view")
 
     # Label-head view of each IFNet job, scored like the probe (thresholds from validation).

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import numpy as np  # noqa: E402
 
 from quality.features import load_sets  # noqa: E402
-from quality.truths import two_truth_view, view_lines  # noqa: E402
+from quality.truths import findings_labels, two_truth_view, view_lines  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -66,8 +66,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from ifnet.data.annotation import load_annotation, load_label_file
     from ifnet.errors import IFNetError
-    from ifnet.labels import to_binary
-    from ifnet.metrics.scoring import reference_labels
 
     try:
         if a.out and a.out.exists() and not a.overwrite:
@@ -82,8 +80,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         train, val = ann.split("train"), ann.split("val")
         tr_ids, va_ids = [s.id for s in train], [s.id for s in val]
         drawn = load_label_file(a.shared / "data/iu_xray/labels_14.json")
-        lab = lambda texts: to_binary(reference_labels(texts, cleaner="iu_xray"))  # noqa: E731
-        y_tr, y_va = lab({s.id: s.report for s in train}), lab({s.id: s.report for s in val})
+        y_tr = findings_labels({s.id: s.report for s in train})
+        y_va = findings_labels({s.id: s.report for s in val})
         d_tr = np.stack([drawn[i] for i in tr_ids]).astype(np.int64)
         d_va = np.stack([drawn[i] for i in va_ids]).astype(np.int64)
         if not any(a.features.glob(f"shard*-{a.kind}.safetensors")):
@@ -92,7 +90,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         generated = {name: read_predictions(path, va_ids) for name, path in named}
         view = two_truth_view(train_reports=[s.report for s in train], y_train=y_tr, drawn_train=d_tr, y_val=y_va,
                               drawn_val=d_va, x_train=fs.pooled(tr_ids), x_val=fs.pooled(va_ids), val_ids=va_ids,
-                              generated=generated, label_fn=lab)
+                              generated=generated, label_fn=findings_labels)
     except IFNetError as e:
         print(f"val_truths: {e}", file=sys.stderr)
         return 2

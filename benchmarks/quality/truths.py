@@ -22,6 +22,15 @@ from .floors import PROBE_L2, constant_floor, fit_probe, retrieval_floor
 TRUTHS = ("findings text", "drawn labels")
 
 
+def findings_labels(texts: Mapping[str, str], cleaner: str = "iu_xray") -> np.ndarray:
+    """CE's labels of ``{id: report}``: the project's labeler on the cleaned text, 0/1 ``[N, 14]`` in the
+    dict's order (the ``label_fn`` of :func:`two_truth_view`)."""
+    from ifnet.labels import to_binary
+    from ifnet.metrics.scoring import reference_labels
+
+    return to_binary(reference_labels(dict(texts), cleaner=cleaner))
+
+
 def ce_pair(truth: np.ndarray, pred: np.ndarray) -> dict:
     """CE macro-F1 over the 14 labels and micro-F1 over the 13 findings of 0/1 ``pred`` against ``truth``."""
     s = label_scores(truth, pred)
