@@ -87,8 +87,9 @@ def test_monitor_sums_metrics_and_names_unknown_ones():
         monitor_score({"BLEU_4": 0.25}, "BLEU_4+CE_F1_macr")
 
 
-@pytest.mark.parametrize("extra", [(), ("data.repeat_threshold=0.5", "data.repeat_reweight_labels=true")],
-                         ids=["shuffle", "repeat-factor"])
+@pytest.mark.parametrize("extra", [(), ("data.repeat_threshold=0.5", "data.repeat_reweight_labels=true"),
+                                   ("optim.ema_decay=0.9",)],
+                         ids=["shuffle", "repeat-factor", "weight-average"])
 def test_resume_continues_exactly(tiny_data, tmp_path, extra):
     straight = tmp_path / "straight"
     Trainer(tiny_config(tiny_data, *extra), straight).fit()
@@ -252,3 +253,55 @@ def test_repeat_factor_sampler_is_a_function_of_seed_and_epoch_and_splits_across
     whole = list(b)
     merged = [i for pair in zip(list(ranks[0]), list(ranks[1])) for i in pair]
     assert merged[: len(whole)] == whole  # the ranks split one shuffled list, padded by wrapping around
+
+
+def test_weight_average_is_the_bias_corrected_exponential_mean_of_the_steps():
+    from ifnet.train.ema import WeightEMA
+
+    model = torch.nn.Linear(3, 2)
+    model.bias.requires_grad_(False)  # frozen: copied, not averaged
+    ema = WeightEMA(model, 0.8)
+    steps = []
+    for k in range(6):
+        with torch.no_grad():
+            model.weight.copy_(torch.full((2, 3), float(k * k)))
+            model.bias.copy_(torch.full((2,), float(k)))
+        ema.update(model)
+        steps.append(float(k * k))
+    weights = 0.8 ** np.arange(5, -1, -1)  # d^(n-k) for the steps k = 1..6
+    expected = float((weights * np.array(steps)).sum() / weights.sum())
+    np.testing.assert_allclose(ema.module.weight.detach().numpy(), expected, rtol=1e-6)
+    assert torch.equal(ema.module.bias, model.bias) and not ema.module.weight.requires_grad
+    # the first update is the weights themselves (nothing of the initialisation is kept)
+    first = WeightEMA(model, 0.999)
+    first.update(model)
+    assert torch.equal(first.module.weight, model.weight)
+
+
+def test_weight_average_is_what_is_validated_and_saved(tiny_data, tmp_path):
+    from ifnet.models.checkpoint import load_training_state
+
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(tiny_data, "optim.ema_decay=0.9"), out)
+    trainer.fit()
+    saved = load_file(str(out / "last" / "model.safetensors"))
+    averaged, trained = trainer.ema.module.state_dict(), trainer.model.state_dict()
+    assert all(torch.equal(saved[k], averaged[k]) for k in saved)
+    differ = [k for k in saved if not torch.equal(saved[k], trained[k])]
+    assert differ and all(trained[k].dtype.is_floating_point for k in differ)
+    state = load_training_state(out / "last")
+    assert state["ema"]["updates"] == 4  # 16 studies / batch 8, 2 epochs
+    assert all(torch.equal(state["ema"]["trained_weights"][k], trained[k]) for k in trained)
+    # the thresholds the validation decode used are the saved model's
+    assert torch.equal(saved["label_thresholds"], trained["label_thresholds"])
+
+
+def test_weight_average_settings_are_checked(tiny_data, tmp_path, capsys):
+    code = cli_main(tiny_argv(tiny_data, tmp_path / "bad", "optim.ema_decay=1.0"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "optim.ema_decay must be in (0, 1)" in err[0]
+    assert not (tmp_path / "bad").exists()
+    plain = tmp_path / "plain"
+    Trainer(tiny_config(tiny_data, "optim.epochs=1"), plain).fit()
+    with pytest.raises(Exception, match="without a weight average; resume it with the same optim.ema_decay"):
+        Trainer(tiny_config(tiny_data, "optim.ema_decay=0.9"), plain, resume=True).fit()

@@ -53,6 +53,9 @@ class OptimConfig:
     condition_lr_scale: float = 1.0
     label_forcing: float = 1.0  # memory conditioned on text labels (1) vs predicted probabilities (0) in training
     amp: bool = True  # mixed precision on CUDA (ignored on CPU)
+    # validate and save an exponential moving average of the weights (ifnet.train.ema; bias-corrected, so it
+    # averages about the last 1 / (1 - ema_decay) steps); None = the weights as trained
+    ema_decay: Optional[float] = None
     max_bad_steps: int = 20  # consecutive non-finite losses/gradients before training stops
 
 

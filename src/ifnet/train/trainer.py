@@ -30,6 +30,7 @@ from ifnet.models.ifnet import IFNet, compute_losses
 from ifnet.train import distributed as dist_utils
 from ifnet.train.config import TrainConfig
 from ifnet.train.data import build_loader, make_dataset, repeat_factors
+from ifnet.train.ema import WeightEMA, check_decay
 from ifnet.train.logs import MetricsLog, plot_curves
 from ifnet.train.runinfo import run_provenance, seed_everything
 
@@ -113,6 +114,7 @@ class Trainer:
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
         seed_everything(config.seed, self.dist.rank, deterministic=config.deterministic)
         self.resume = resume
+        check_decay(config.optim.ema_decay)
         self._bad_streak = 0  # consecutive non-finite steps (see fit)
         self._prepare_data()
         self._build_model()
@@ -210,18 +212,27 @@ class Trainer:
                                                     find_unused_parameters=self.feature_cache is not None)
         self.use_amp = bool(o.amp and self.device.type == "cuda")
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_amp)
+        self.ema = WeightEMA(self.model, o.ema_decay) if o.ema_decay is not None else None
+
+    @property
+    def eval_model(self) -> IFNet:
+        """The model validated and saved: the weight average with ``optim.ema_decay``, else the trained one."""
+        return self.ema.module if self.ema is not None else self.model
 
     # -- checkpoints ------------------------------------------------------------------------------
     def _training_state(self, epoch: int, step: int, best: float, best_epoch: int, bad_epochs: int) -> dict:
-        return {"epoch": epoch, "step": step, "best_score": best, "best_epoch": best_epoch,
+        state = {"epoch": epoch, "step": step, "best_score": best, "best_epoch": best_epoch,
                 "epochs_without_improvement": bad_epochs, "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
                 "rng": _rng_state(), "config": to_dict(self.cfg)}
+        if self.ema is not None:  # the checkpoint's weights are the average; resuming needs the trained ones too
+            state["ema"] = {"updates": self.ema.updates, "trained_weights": self.model.state_dict()}
+        return state
 
     def _save(self, name: str, state: dict, metrics: dict) -> None:
         if not self.is_main:
             return
-        save_checkpoint(self.out / name, self.model, self.cfg.model, self.tokenizer, training_state=state,
+        save_checkpoint(self.out / name, self.eval_model, self.cfg.model, self.tokenizer, training_state=state,
                         metadata={"epoch": state["epoch"], "val_metrics": metrics, "train_config": to_dict(self.cfg),
                                   "provenance": self.provenance})
 
@@ -234,10 +245,18 @@ class Trainer:
         model, tokenizer, _, _ = load_checkpoint(ckpt, map_location=self.device)
         if tokenizer.tokens != self.tokenizer.tokens:
             raise IFNetError(f"{ckpt}: its vocabulary differs from this run's; cannot resume")
-        self.model.load_state_dict(model.state_dict())
         state = load_training_state(ckpt)
         if state is None:
             raise IFNetError(f"{ckpt}: has no training state to resume from")
+        if (self.ema is None) != ("ema" not in state):
+            raise IFNetError(f"{ckpt}: was trained {'with' if 'ema' in state else 'without'} a weight average; "
+                             f"resume it with the same optim.ema_decay")
+        if self.ema is not None:
+            self.ema.module.load_state_dict(model.state_dict())
+            self.ema.updates = int(state["ema"]["updates"])
+            self.model.load_state_dict(state["ema"]["trained_weights"])
+        else:
+            self.model.load_state_dict(model.state_dict())
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -372,6 +391,8 @@ class Trainer:
             self._bad_streak = 0
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            if self.ema is not None:
+                self.ema.update(self.model)
             step += 1
             n += 1
             totals["loss"] += float(loss.detach())
@@ -394,7 +415,7 @@ class Trainer:
         ds = make_dataset(studies, cfg.data, self.tokenizer, self.labels, train=False,
                           feature_cache=self.feature_cache)
         thresholds = self.calibrate_thresholds(ds)
-        preds = decode_studies(self.model, ds, self.tokenizer, cfg.data, device=self.device,
+        preds = decode_studies(self.eval_model, ds, self.tokenizer, cfg.data, device=self.device,
                                beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
                                guidance=cfg.eval.guidance, with_loss=True)
         hyps = {p["id"]: p["generated"] for p in preds}
@@ -429,11 +450,12 @@ class Trainer:
 
         if self.model.config.condition_mode != "thresholded":
             return None
-        ids, probs = label_probabilities(self.model, ds, self.cfg.data, device=self.device)
+        ids, probs = label_probabilities(self.eval_model, ds, self.cfg.data, device=self.device)
         truth = np.stack([self.labels[i] for i in ids])
         prevalence = np.stack([self.labels[s.id] for s in self.train_studies]).mean(0)
         choice = choose_thresholds(truth, probs, prevalence)
-        self.model.set_label_thresholds(choice.thresholds)
+        self.model.set_label_thresholds(choice.thresholds)  # the trained model conditions on them too
+        self.eval_model.set_label_thresholds(choice.thresholds)
         return choice.as_dict()
 
 
