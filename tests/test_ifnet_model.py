@@ -95,6 +95,22 @@ def test_study_weights_make_the_label_loss_a_weighted_mean_over_studies():
     assert torch.allclose(doubled["labels"], plain["labels"])
 
 
+def test_label_smoothing_mixes_the_target_word_with_the_uniform_vocabulary():
+    m = make_model()
+    b = make_batch()
+    with torch.no_grad():
+        out = m(b["images"], b["view_mask"], b["tokens"], b["labels"])
+    logp = torch.log_softmax(out.logits.float(), dim=-1)
+    targets = b["tokens"][:, 1:]
+    keep = targets != PAD_ID
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)[keep].mean()
+    uniform = -logp.mean(-1)[keep].mean()
+    smoothed = compute_losses(out, b["tokens"], b["labels"], label_smoothing=0.1)
+    assert torch.allclose(smoothed["caption"], 0.9 * nll + 0.1 * uniform, atol=1e-5)
+    assert torch.allclose(compute_losses(out, b["tokens"])["caption"], nll, atol=1e-5)
+    assert torch.equal(smoothed["labels"], compute_losses(out, b["tokens"], b["labels"])["labels"])
+
+
 @pytest.mark.parametrize("training", [False, True])
 def test_a_missing_views_pixels_cannot_change_anything(training):
     """Even in training mode (BatchNorm batch statistics), a masked view never reaches the outputs."""

@@ -296,11 +296,13 @@ def test_weight_average_is_what_is_validated_and_saved(tiny_data, tmp_path):
     assert torch.equal(saved["label_thresholds"], trained["label_thresholds"])
 
 
-def test_weight_average_settings_are_checked(tiny_data, tmp_path, capsys):
-    code = cli_main(tiny_argv(tiny_data, tmp_path / "bad", "optim.ema_decay=1.0"))
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code != 0 and len(err) == 1 and "optim.ema_decay must be in (0, 1)" in err[0]
-    assert not (tmp_path / "bad").exists()
+def test_weight_average_and_smoothing_settings_are_checked(tiny_data, tmp_path, capsys):
+    for setting, message in (("optim.ema_decay=1.0", "optim.ema_decay must be in (0, 1)"),
+                             ("optim.report_label_smoothing=-0.1", "optim.report_label_smoothing must be in [0, 1)")):
+        code = cli_main(tiny_argv(tiny_data, tmp_path / "bad", setting))
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code != 0 and len(err) == 1 and message in err[0], err
+        assert not (tmp_path / "bad").exists()
     plain = tmp_path / "plain"
     Trainer(tiny_config(tiny_data, "optim.epochs=1"), plain).fit()
     with pytest.raises(Exception, match="without a weight average; resume it with the same optim.ema_decay"):

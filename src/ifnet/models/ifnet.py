@@ -489,9 +489,12 @@ class IFNetDecoder:
 
 
 def compute_losses(output: IFNetOutput, tokens: Tensor, labels: Optional[Tensor] = None, *,
-                   label_loss_weight: float = 1.0, study_weights: Optional[Tensor] = None) -> dict[str, Tensor]:
+                   label_loss_weight: float = 1.0, study_weights: Optional[Tensor] = None,
+                   label_smoothing: float = 0.0) -> dict[str, Tensor]:
     """Caption cross-entropy (mean over non-pad target tokens) + ``label_loss_weight`` x label BCE.
 
+    ``label_smoothing`` > 0 spreads that much of each target word's probability uniformly over the
+    vocabulary in the caption loss (Szegedy et al.; 0 = plain cross-entropy, what validation reports).
     ``labels [B, 14]`` are the text encoder's 0/1 labels; without them only the caption loss counts.
     ``study_weights [B]`` (> 0) make the label BCE a weighted mean over studies (e.g. 1 / repeat factor,
     so that a label head trained on resampled epochs still learns the original prevalence).
@@ -499,7 +502,7 @@ def compute_losses(output: IFNetOutput, tokens: Tensor, labels: Optional[Tensor]
     """
     targets = tokens[:, 1:]
     caption = F.cross_entropy(output.logits.reshape(-1, output.logits.shape[-1]).float(), targets.reshape(-1),
-                              ignore_index=PAD_ID)
+                              ignore_index=PAD_ID, label_smoothing=label_smoothing)
     if labels is None:
         label_loss = caption.new_zeros(())
     elif study_weights is None:

@@ -46,6 +46,9 @@ class OptimConfig:
     step_size: int = 10  # StepLR period in epochs (paper)
     gamma: float = 0.8  # StepLR decay (paper)
     grad_clip: float = 0.1  # max gradient norm (R2Gen hard-codes 0.1; here it is a setting)
+    # share of each target word's probability spread over the vocabulary in the training report loss (0 = none;
+    # the validation loss stays plain cross-entropy)
+    report_label_smoothing: float = 0.0
     label_loss_weight: float = 1.0  # weight of the 14-label BCE beside the report cross-entropy
     # learning-rate multiplier for the parameters that carry the label condition (condition embedding,
     # label->vocabulary bias, label->memory-slot bias): Adam moves each weight by about lr per step, so at

@@ -115,6 +115,8 @@ class Trainer:
         seed_everything(config.seed, self.dist.rank, deterministic=config.deterministic)
         self.resume = resume
         check_decay(config.optim.ema_decay)
+        if not 0.0 <= config.optim.report_label_smoothing < 1.0:
+            raise IFNetError(f"optim.report_label_smoothing must be in [0, 1), got {config.optim.report_label_smoothing}")
         self._bad_streak = 0  # consecutive non-finite steps (see fit)
         self._prepare_data()
         self._build_model()
@@ -368,7 +370,7 @@ class Trainer:
                 head_target = x["labels"] if self.head_labels is None else torch.from_numpy(
                     np.stack([self.head_labels[i] for i in batch["ids"]])).to(self.device)
                 losses = compute_losses(out, x["tokens"], head_target, label_loss_weight=o.label_loss_weight,
-                                        study_weights=weights)
+                                        study_weights=weights, label_smoothing=o.report_label_smoothing)
             self.optimizer.zero_grad(set_to_none=True)
             loss = losses["total"]
             ok = bool(torch.isfinite(loss))
