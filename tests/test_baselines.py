@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ifnet.baselines import (LogisticProbe, apply_thresholds, choose_thresholds, label_scores,
+from ifnet.baselines import (LogisticProbe, apply_thresholds, choose_thresholds, cross_fitted_thresholds, label_scores,
                              most_frequent_report, nearest_neighbours, roc_auc)
 from ifnet.labels import NUM_OBSERVATIONS
 
@@ -135,6 +135,23 @@ def test_rare_labels_fall_back_to_training_prevalence():
 def test_choose_thresholds_checks_shapes():
     with pytest.raises(ValueError):
         choose_thresholds(np.zeros((3, 2)), np.zeros((3, 2)), np.zeros(3))
+
+
+def test_cross_fitted_thresholds_cut_each_half_by_the_other_halfs_choice():
+    rng = np.random.default_rng(4)
+    y = (rng.random((41, 3)) < 0.3).astype(int)
+    p = np.clip(y * 0.3 + rng.random((41, 3)) * 0.7, 0, 1)
+    prevalence = np.array([0.3, 0.3, 0.01])
+    half, chosen = cross_fitted_thresholds(y, p, prevalence, seed=7)
+    assert sorted(np.bincount(half)) == [20, 21] and len(chosen) == 2
+    for h in (0, 1):
+        other = half != h
+        np.testing.assert_array_equal(chosen[h], choose_thresholds(y[other], p[other], prevalence).thresholds)
+    # the split is a function of the seed alone
+    again, _ = cross_fitted_thresholds(1 - y, p, prevalence, seed=7)
+    np.testing.assert_array_equal(half, again)
+    with pytest.raises(ValueError, match="at least 2"):
+        cross_fitted_thresholds(y[:1], p[:1], prevalence)
 
 
 # -- scores -------------------------------------------------------------------------------------------

@@ -307,3 +307,24 @@ def test_weight_average_and_smoothing_settings_are_checked(tiny_data, tmp_path, 
     Trainer(tiny_config(tiny_data, "optim.epochs=1"), plain).fit()
     with pytest.raises(Exception, match="without a weight average; resume it with the same optim.ema_decay"):
         Trainer(tiny_config(tiny_data, "optim.ema_decay=0.9"), plain, resume=True).fit()
+
+
+def test_cross_fitted_validation_decodes_each_half_with_the_other_halfs_thresholds(tiny_data, tmp_path):
+    from ifnet.baselines import cross_fitted_thresholds
+
+    out = tmp_path / "run"
+    trainer = Trainer(tiny_config(tiny_data, "optim.epochs=1", "eval.crossfit_thresholds=true"), out)
+    trainer.fit()
+    whole = load_file(str(out / "last" / "model.safetensors"))["label_thresholds"]
+    assert torch.equal(trainer.model.label_thresholds, whole)  # the whole split's choice is what is kept
+    ids, truth, probs, prevalence = trainer._val_label_probs
+    half, chosen = cross_fitted_thresholds(truth, probs, prevalence, seed=0)
+    decode = dict(device=trainer.device, beam_size=1, max_len=5, guidance=0.0, with_loss=False)
+    preds = trainer._decode_cross_fitted(trainer.val_studies, decode)
+    assert [p["id"] for p in preds] == [s.id for s in trainer.val_studies]
+    by_id = dict(zip(ids, range(len(ids))))
+    for p in preds:
+        i = by_id[p["id"]]
+        expected = (probs[i] >= np.float32(chosen[half[i]])).astype(np.float32)
+        np.testing.assert_array_equal(p["condition"], expected)
+    assert torch.equal(trainer.model.label_thresholds, whole)

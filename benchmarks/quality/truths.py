@@ -15,7 +15,7 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 
-from ifnet.baselines import apply_thresholds, choose_thresholds, label_scores
+from ifnet.baselines import cross_fitted_thresholds, label_scores
 
 from .floors import PROBE_L2, constant_floor, fit_probe, retrieval_floor
 
@@ -61,11 +61,8 @@ def cross_fitted_probe(x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarr
     """
     _, pv, l2, tried = fit_probe(x_train, y_train, x_val, y_val, l2s)
     auc = tried[str(l2)]
-    half = np.random.default_rng(seed).permutation(len(y_val)) < len(y_val) // 2
-    pred = np.zeros_like(np.asarray(y_val), dtype=np.int64)
-    for mask in (half, ~half):
-        th = choose_thresholds(y_val[~mask], pv[~mask], y_train.mean(0)).thresholds
-        pred[mask] = apply_thresholds(pv[mask], th)
+    half, chosen = cross_fitted_thresholds(y_val, pv, y_train.mean(0), seed=seed)
+    pred = (pv >= np.stack(chosen)[half]).astype(np.int64)  # each study cut by the other half's choice
     s = label_scores(y_val, pred, pv)
     return {"l2": l2, "pred": pred, "probs": pv, "mean_auc": auc,
             "F1_macro": s["F1_macro"], "F1_micro_13": s["F1_micro_13"]}

@@ -223,6 +223,22 @@ def choose_thresholds(y_val: np.ndarray, p_val: np.ndarray, train_prevalence: np
     return ThresholdChoice(np.asarray(thresholds), tuple(methods), tuple(positives))
 
 
+def cross_fitted_thresholds(y_val: np.ndarray, p_val: np.ndarray, train_prevalence: np.ndarray, *,
+                            seed: int = 0, min_positives: int = 5) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Thresholds for scoring validation on studies they were not fitted to: validation is split into two
+    halves (a permutation drawn from ``seed``), and each half gets the :func:`choose_thresholds` choice made
+    on the other. Returns ``(half [N] in {0, 1}, [thresholds for half 0, thresholds for half 1])``.
+    """
+    y_val, p_val = np.asarray(y_val), np.asarray(p_val)
+    n = len(y_val)
+    if n < 2:
+        raise ValueError(f"cross-fitted thresholds need at least 2 validation studies, got {n}")
+    half = (np.random.default_rng(seed).permutation(n) >= n // 2).astype(np.int64)
+    chosen = [choose_thresholds(y_val[half != h], p_val[half != h], train_prevalence,
+                                min_positives=min_positives).thresholds for h in (0, 1)]
+    return half, chosen
+
+
 def apply_thresholds(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """0/1 ``int64 [N, L]``: probability >= threshold."""
     return (np.asarray(probs) >= np.asarray(thresholds)[None, :]).astype(np.int64)

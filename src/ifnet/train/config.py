@@ -72,6 +72,10 @@ class EvalConfig:
     # validation metric for model selection (higher is better); "A+B" sums metrics, e.g. BLEU_4+CE_F1_macro
     # so that a template that scores BLEU but says nothing about the image is not what gets kept
     monitor: str = "BLEU_4"
+    # validation decodes each half of the validation studies with label thresholds chosen on the other half,
+    # so the CE that selects the epoch is not scored on the studies its thresholds were fitted to (the
+    # checkpoint still keeps the thresholds chosen on the whole split); off: one choice for all
+    crossfit_thresholds: bool = False
     patience: int = 50  # epochs without validation improvement before early stopping
     uncertain: str = "positive"  # CE mapping of the labeler's 'uncertain' (printed beside CE numbers)
     meteor: bool = True  # METEOR needs Java; off skips it (the key is then absent)

@@ -417,9 +417,12 @@ class Trainer:
         ds = make_dataset(studies, cfg.data, self.tokenizer, self.labels, train=False,
                           feature_cache=self.feature_cache)
         thresholds = self.calibrate_thresholds(ds)
-        preds = decode_studies(self.eval_model, ds, self.tokenizer, cfg.data, device=self.device,
-                               beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
-                               guidance=cfg.eval.guidance, with_loss=True)
+        decode = dict(device=self.device, beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
+                      guidance=cfg.eval.guidance, with_loss=True)
+        if cfg.eval.crossfit_thresholds and thresholds is not None:
+            preds = self._decode_cross_fitted(studies, decode)
+        else:
+            preds = decode_studies(self.eval_model, ds, self.tokenizer, cfg.data, **decode)
         hyps = {p["id"]: p["generated"] for p in preds}
         metrics_list = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "CE") if cfg.eval.meteor else \
             ("BLEU", "ROUGE_L", "CIDEr", "CE")
@@ -455,10 +458,37 @@ class Trainer:
         ids, probs = label_probabilities(self.eval_model, ds, self.cfg.data, device=self.device)
         truth = np.stack([self.labels[i] for i in ids])
         prevalence = np.stack([self.labels[s.id] for s in self.train_studies]).mean(0)
+        self._val_label_probs = (ids, truth, probs, prevalence)
         choice = choose_thresholds(truth, probs, prevalence)
         self.model.set_label_thresholds(choice.thresholds)  # the trained model conditions on them too
         self.eval_model.set_label_thresholds(choice.thresholds)
         return choice.as_dict()
+
+
+    def _decode_cross_fitted(self, studies: list[Study], decode: dict) -> list[dict]:
+        """Validation reports with each half's condition cut at the thresholds chosen on the other half
+        (``eval.crossfit_thresholds``), in ``studies`` order; the whole split's thresholds, installed by
+        :meth:`calibrate_thresholds`, are put back afterwards (they are what the checkpoint keeps)."""
+        from ifnet.baselines import cross_fitted_thresholds
+        from ifnet.evaluation import decode_studies
+
+        ids, truth, probs, prevalence = self._val_label_probs
+        half, chosen = cross_fitted_thresholds(truth, probs, prevalence, seed=0)
+        half_of = dict(zip(ids, half.tolist()))
+        model = self.eval_model
+        whole = model.label_thresholds.detach().clone()
+        preds: list[dict] = []
+        try:
+            for h in (0, 1):
+                part = [s for s in studies if half_of[s.id] == h]
+                model.set_label_thresholds(chosen[h])
+                ds = make_dataset(part, self.cfg.data, self.tokenizer, self.labels, train=False,
+                                  feature_cache=self.feature_cache)
+                preds += decode_studies(model, ds, self.tokenizer, self.cfg.data, **decode)
+        finally:
+            model.set_label_thresholds(whole)
+        order = {s.id: i for i, s in enumerate(studies)}
+        return sorted(preds, key=lambda p: order[p["id"]])
 
 
 def monitor_score(metrics: dict, monitor: str) -> float:
