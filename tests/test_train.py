@@ -297,6 +297,8 @@ def test_weight_average_is_what_is_validated_and_saved(tiny_data, tmp_path):
 
 
 def test_weight_average_and_smoothing_settings_are_checked(tiny_data, tmp_path, capsys):
+    from ifnet.errors import IFNetError
+
     for setting, message in (("optim.ema_decay=1.0", "optim.ema_decay must be in (0, 1)"),
                              ("optim.report_label_smoothing=-0.1", "optim.report_label_smoothing must be in [0, 1)")):
         code = cli_main(tiny_argv(tiny_data, tmp_path / "bad", setting))
@@ -305,7 +307,7 @@ def test_weight_average_and_smoothing_settings_are_checked(tiny_data, tmp_path, 
         assert not (tmp_path / "bad").exists()
     plain = tmp_path / "plain"
     Trainer(tiny_config(tiny_data, "optim.epochs=1"), plain).fit()
-    with pytest.raises(Exception, match="without a weight average; resume it with the same optim.ema_decay"):
+    with pytest.raises(IFNetError, match="without a weight average; resume it with the same optim.ema_decay"):
         Trainer(tiny_config(tiny_data, "optim.ema_decay=0.9"), plain, resume=True).fit()
 
 

@@ -224,9 +224,9 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
     def _training_state(self, epoch: int, step: int, best: float, best_epoch: int, bad_epochs: int) -> dict:
         state = {"epoch": epoch, "step": step, "best_score": best, "best_epoch": best_epoch,
-                "epochs_without_improvement": bad_epochs, "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": _rng_state(), "config": to_dict(self.cfg)}
+                 "epochs_without_improvement": bad_epochs, "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                 "rng": _rng_state(), "config": to_dict(self.cfg)}
         if self.ema is not None:  # the checkpoint's weights are the average; resuming needs the trained ones too
             state["ema"] = {"updates": self.ema.updates, "trained_weights": self.model.state_dict()}
         return state
@@ -463,7 +463,6 @@ class Trainer:
         self.model.set_label_thresholds(choice.thresholds)  # the trained model conditions on them too
         self.eval_model.set_label_thresholds(choice.thresholds)
         return choice.as_dict()
-
 
     def _decode_cross_fitted(self, studies: list[Study], decode: dict) -> list[dict]:
         """Validation reports with each half's condition cut at the thresholds chosen on the other half
