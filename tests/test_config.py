@@ -71,3 +71,41 @@ def test_invalid_yaml_names_file_and_line(tmp_path):
     bad.write_text("optim:\n  lr: [1, 2\n")
     with pytest.raises(DataError, match=r"bad\.yaml: invalid YAML at line"):
         resolve(Run, bad)
+
+
+@pytest.mark.parametrize("setting, field, message", [
+    ("optim.epochs=0", "optim.epochs", "must be >= 1, got 0"),
+    ("optim.lr_rest=0", "optim.lr_rest", "must be > 0"),
+    ("optim.ema_decay=1", "optim.ema_decay", "must be in (0, 1) or null"),
+    ("optim.report_label_smoothing=1", "optim.report_label_smoothing", "must be in [0, 1)"),
+    ("optim.label_forcing=1.5", "optim.label_forcing", "must be in [0, 1]"),
+    ("data.batch_size=0", "data.batch_size", "must be >= 1"),
+    ("data.iec=sharpen", "data.iec", "must be one of none, clahe, adaptive"),
+    ("data.repeat_threshold=-0.1", "data.repeat_threshold", "must be > 0 or null"),
+    ("data.repeat_reweight_labels=true", "data.repeat_reweight_labels", "needs data.repeat_threshold"),
+    ("eval.beam_size=0", "eval.beam_size", "must be >= 1"),
+    ("eval.guidance=-1", "eval.guidance", "must be a finite number >= 0"),
+    ("eval.guidance=.inf", "eval.guidance", "must be a finite number >= 0"),
+    ("eval.uncertain=maybe", "eval.uncertain", "must be one of positive, negative"),
+])
+def test_training_settings_out_of_range_are_one_line_errors_naming_the_field(tmp_path, setting, field, message):
+    from ifnet.train.config import TrainConfig
+
+    cfg_file = tmp_path / "run.yaml"
+    cfg_file.write_text("seed: 1\n")
+    with pytest.raises(DataError) as info:
+        resolve(TrainConfig, cfg_file, [setting])
+    text = str(info.value)
+    assert info.value.field == field and message in text and "\n" not in text
+    assert text.startswith(f"{cfg_file} + --set: field '{field}': "), text
+
+
+def test_training_defaults_and_presets_pass_the_range_checks():
+    from pathlib import Path
+
+    from ifnet.train.config import TrainConfig
+
+    configs = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert configs
+    for path in [None, *configs]:
+        resolve(TrainConfig, path, [])

@@ -180,8 +180,8 @@ def test_misspelled_config_key_is_an_error(tiny_data, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("setting, message", [
-    (("data.repeat_threshold=0",), "data.repeat_threshold must be > 0, got 0.0"),
-    (("data.repeat_reweight_labels=true",), "data.repeat_reweight_labels needs data.repeat_threshold"),
+    (("data.repeat_threshold=0",), "field 'data.repeat_threshold': must be > 0 or null (plain shuffle), got 0.0"),
+    (("data.repeat_reweight_labels=true",), "field 'data.repeat_reweight_labels': needs data.repeat_threshold"),
 ])
 def test_bad_repeat_factor_settings_are_one_line_errors_before_anything_is_written(tiny_data, tmp_path, capsys,
                                                                                     setting, message):
@@ -299,8 +299,9 @@ def test_weight_average_is_what_is_validated_and_saved(tiny_data, tmp_path):
 def test_weight_average_and_smoothing_settings_are_checked(tiny_data, tmp_path, capsys):
     from ifnet.errors import IFNetError
 
-    for setting, message in (("optim.ema_decay=1.0", "optim.ema_decay must be in (0, 1)"),
-                             ("optim.report_label_smoothing=-0.1", "optim.report_label_smoothing must be in [0, 1)")):
+    for setting, message in (("optim.ema_decay=1.0", "field 'optim.ema_decay': must be in (0, 1)"),
+                             ("optim.report_label_smoothing=-0.1",
+                              "field 'optim.report_label_smoothing': must be in [0, 1)")):
         code = cli_main(tiny_argv(tiny_data, tmp_path / "bad", setting))
         err = capsys.readouterr().err.strip().splitlines()
         assert code != 0 and len(err) == 1 and message in err[0], err
@@ -319,10 +320,14 @@ def test_cross_fitted_validation_decodes_each_half_with_the_other_halfs_threshol
     trainer.fit()
     whole = load_file(str(out / "last" / "model.safetensors"))["label_thresholds"]
     assert torch.equal(trainer.model.label_thresholds, whole)  # the whole split's choice is what is kept
-    ids, truth, probs, prevalence = trainer._val_label_probs
-    half, chosen = cross_fitted_thresholds(truth, probs, prevalence, seed=0)
+    ds = make_dataset(trainer.val_studies, trainer.cfg.data, trainer.tokenizer, trainer.labels, train=False,
+                      feature_cache=trainer.feature_cache)
+    calibration = trainer.calibrate_thresholds(ds)  # the final model's choice again: the same thresholds
+    assert torch.equal(trainer.model.label_thresholds, whole)
+    ids, truth, probs = calibration.ids, calibration.truth, calibration.probs
+    half, chosen = cross_fitted_thresholds(truth, probs, calibration.prevalence, seed=0)
     decode = dict(device=trainer.device, beam_size=1, max_len=5, guidance=0.0, with_loss=False)
-    preds = trainer._decode_cross_fitted(trainer.val_studies, decode)
+    preds = trainer._decode_cross_fitted(trainer.val_studies, decode, calibration)
     assert [p["id"] for p in preds] == [s.id for s in trainer.val_studies]
     by_id = dict(zip(ids, range(len(ids))))
     for p in preds:

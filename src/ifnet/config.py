@@ -23,6 +23,17 @@ _FLOAT_RE = re.compile(r"[+-]?(\d+(\.\d*)?|\.\d+)([eE][+-]?\d+)?")
 T = TypeVar("T")
 
 
+class SettingError(ValueError):
+    """A setting out of its range, raised by a config dataclass's ``__post_init__``.
+
+    ``field`` is the setting's name within its dataclass; :func:`from_dict` prefixes it with the section, so
+    the user reads ``<config>: field 'optim.ema_decay': must be in (0, 1) ...`` in one line."""
+
+    def __init__(self, field: str, message: str) -> None:
+        self.field, self.message = field, message
+        super().__init__(f"{field} {message}")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
@@ -107,6 +118,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], *, source: str = "<config>"
     kwargs = {k: _coerce(v, hints[k], prefix + k, source) for k, v in data.items()}
     try:
         return cls(**kwargs)
+    except SettingError as e:
+        raise DataError(source, e.message, field=prefix + e.field) from None
     except (TypeError, ValueError) as e:
         raise DataError(source, str(e), field=prefix.rstrip(".") or None) from None
 

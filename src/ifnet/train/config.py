@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+from ifnet.config import SettingError
+from ifnet.data.transforms import IEC_MODES
+from ifnet.metrics.clinical import UNCERTAIN_MAPPINGS
 from ifnet.models.ifnet import IFNetConfig
 
 
@@ -35,6 +39,21 @@ class DataConfig:
     # learns the training prevalence while the decoder sees rare findings more often
     repeat_reweight_labels: bool = False
 
+    def __post_init__(self) -> None:
+        _at_least(self, ("vocab_threshold", "max_tokens", "image_size", "max_views", "batch_size", "tile_grid"), 1)
+        _at_least(self, ("num_workers",), 0)
+        if self.iec not in IEC_MODES:
+            raise SettingError("iec", f"must be one of {', '.join(IEC_MODES)}, got {self.iec!r}")
+        if not self.clip_limit > 0:
+            raise SettingError("clip_limit", f"must be > 0, got {self.clip_limit}")
+        if self.val_limit is not None and self.val_limit < 1:
+            raise SettingError("val_limit", f"must be >= 1 or null (all), got {self.val_limit}")
+        if self.repeat_threshold is None:
+            if self.repeat_reweight_labels:
+                raise SettingError("repeat_reweight_labels", "needs data.repeat_threshold (repeat-factor sampling)")
+        elif not self.repeat_threshold > 0:
+            raise SettingError("repeat_threshold", f"must be > 0 or null (plain shuffle), got {self.repeat_threshold}")
+
 
 @dataclass
 class OptimConfig:
@@ -61,6 +80,21 @@ class OptimConfig:
     ema_decay: Optional[float] = None
     max_bad_steps: int = 20  # consecutive non-finite losses/gradients before training stops
 
+    def __post_init__(self) -> None:
+        _at_least(self, ("epochs", "step_size", "max_bad_steps"), 1)
+        for name in ("lr_visual", "lr_rest", "gamma", "grad_clip", "condition_lr_scale"):
+            if not getattr(self, name) > 0:
+                raise SettingError(name, f"must be > 0, got {getattr(self, name)}")
+        for name in ("weight_decay", "label_loss_weight"):
+            if not getattr(self, name) >= 0:
+                raise SettingError(name, f"must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.label_forcing <= 1.0:
+            raise SettingError("label_forcing", f"must be in [0, 1], got {self.label_forcing}")
+        if not 0.0 <= self.report_label_smoothing < 1.0:
+            raise SettingError("report_label_smoothing", f"must be in [0, 1), got {self.report_label_smoothing}")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise SettingError("ema_decay", f"must be in (0, 1) or null (no averaging), got {self.ema_decay}")
+
 
 @dataclass
 class EvalConfig:
@@ -80,6 +114,13 @@ class EvalConfig:
     uncertain: str = "positive"  # CE mapping of the labeler's 'uncertain' (printed beside CE numbers)
     meteor: bool = True  # METEOR needs Java; off skips it (the key is then absent)
 
+    def __post_init__(self) -> None:
+        _at_least(self, ("beam_size", "max_len", "patience"), 1)
+        if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+            raise SettingError("guidance", f"must be a finite number >= 0 (0: plain beam search), got {self.guidance}")
+        if self.uncertain not in UNCERTAIN_MAPPINGS:
+            raise SettingError("uncertain", f"must be one of {', '.join(UNCERTAIN_MAPPINGS)}, got {self.uncertain!r}")
+
 
 @dataclass
 class TrainConfig:
@@ -91,3 +132,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def _at_least(cfg: object, names: tuple[str, ...], low: int) -> None:
+    for name in names:
+        value = getattr(cfg, name)
+        if value < low:
+            raise SettingError(name, f"must be >= {low}, got {value}")

@@ -12,7 +12,7 @@ import random
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from ifnet.models.ifnet import IFNet, compute_losses
 from ifnet.train import distributed as dist_utils
 from ifnet.train.config import TrainConfig
 from ifnet.train.data import build_loader, make_dataset, repeat_factors
-from ifnet.train.ema import WeightEMA, check_decay
+from ifnet.train.ema import WeightEMA
 from ifnet.train.logs import MetricsLog, plot_curves
 from ifnet.train.runinfo import run_provenance, seed_everything
 
@@ -114,9 +114,6 @@ class Trainer:
         self.device = self.dist.device if self.dist.enabled else resolve_device(config.device)
         seed_everything(config.seed, self.dist.rank, deterministic=config.deterministic)
         self.resume = resume
-        check_decay(config.optim.ema_decay)
-        if not 0.0 <= config.optim.report_label_smoothing < 1.0:
-            raise IFNetError(f"optim.report_label_smoothing must be in [0, 1), got {config.optim.report_label_smoothing}")
         self._bad_streak = 0  # consecutive non-finite steps (see fit)
         self._prepare_data()
         self._build_model()
@@ -168,12 +165,8 @@ class Trainer:
         d = self.cfg.data
         self.repeat_factors: Optional[np.ndarray] = None
         self.label_loss_weights: Optional[dict[str, float]] = None
-        if d.repeat_threshold is None:
-            if d.repeat_reweight_labels:
-                raise IFNetError("data.repeat_reweight_labels needs data.repeat_threshold (repeat-factor sampling)")
+        if d.repeat_threshold is None:  # (the settings' ranges are checked by DataConfig itself)
             return
-        if not d.repeat_threshold > 0:
-            raise IFNetError(f"data.repeat_threshold must be > 0, got {d.repeat_threshold}")
         findings = np.stack([self.labels[s.id] for s in self.train_studies])[:, :NUM_OBSERVATIONS - 1]
         self.repeat_factors = repeat_factors(findings, d.repeat_threshold)
         if d.repeat_reweight_labels:
@@ -416,11 +409,12 @@ class Trainer:
         studies = [s for s in self.val_studies if s.id in self.val_refs]
         ds = make_dataset(studies, cfg.data, self.tokenizer, self.labels, train=False,
                           feature_cache=self.feature_cache)
-        thresholds = self.calibrate_thresholds(ds)
+        calibration = self.calibrate_thresholds(ds)
+        thresholds = calibration.thresholds if calibration is not None else None
         decode = dict(device=self.device, beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
                       guidance=cfg.eval.guidance, with_loss=True)
-        if cfg.eval.crossfit_thresholds and thresholds is not None:
-            preds = self._decode_cross_fitted(studies, decode)
+        if cfg.eval.crossfit_thresholds and calibration is not None:
+            preds = self._decode_cross_fitted(studies, decode, calibration)
         else:
             preds = decode_studies(self.eval_model, ds, self.tokenizer, cfg.data, **decode)
         hyps = {p["id"]: p["generated"] for p in preds}
@@ -440,15 +434,15 @@ class Trainer:
             scores["label_thresholds"] = thresholds
         return scores
 
-    def calibrate_thresholds(self, ds: Any) -> Optional[dict]:
+    def calibrate_thresholds(self, ds: Any) -> Optional["Calibration"]:
         """Per-label thresholds of the thresholded condition, chosen on the validation split.
 
         The label head's validation probabilities against the validation studies' training labels (what the
         label head learns), by :func:`ifnet.baselines.choose_thresholds`: F1-optimal where validation holds
         at least 5 positives, else the cut whose positive rate matches the training prevalence. Installed in
         the model before validation decodes, so each checkpoint carries the thresholds it was scored with.
-        Returns them (with the rule used per label) for the logs; ``None`` when the model conditions on raw
-        probabilities.
+        Returns them (with the rule used per label, for the logs) and the probabilities they were chosen on;
+        ``None`` when the model conditions on raw probabilities.
         """
         from ifnet.baselines import choose_thresholds
         from ifnet.evaluation import label_probabilities
@@ -458,20 +452,20 @@ class Trainer:
         ids, probs = label_probabilities(self.eval_model, ds, self.cfg.data, device=self.device)
         truth = np.stack([self.labels[i] for i in ids])
         prevalence = np.stack([self.labels[s.id] for s in self.train_studies]).mean(0)
-        self._val_label_probs = (ids, truth, probs, prevalence)
         choice = choose_thresholds(truth, probs, prevalence)
         self.model.set_label_thresholds(choice.thresholds)  # the trained model conditions on them too
         self.eval_model.set_label_thresholds(choice.thresholds)
-        return choice.as_dict()
+        return Calibration(list(ids), truth, probs, prevalence, choice.as_dict())
 
-    def _decode_cross_fitted(self, studies: list[Study], decode: dict) -> list[dict]:
+    def _decode_cross_fitted(self, studies: list[Study], decode: dict, calibration: "Calibration") -> list[dict]:
         """Validation reports with each half's condition cut at the thresholds chosen on the other half
         (``eval.crossfit_thresholds``), in ``studies`` order; the whole split's thresholds, installed by
-        :meth:`calibrate_thresholds`, are put back afterwards (they are what the checkpoint keeps)."""
+        :meth:`calibrate_thresholds` (which gave ``calibration``), are put back afterwards (they are what the
+        checkpoint keeps)."""
         from ifnet.baselines import cross_fitted_thresholds
         from ifnet.evaluation import decode_studies
 
-        ids, truth, probs, prevalence = self._val_label_probs
+        ids, truth, probs, prevalence = calibration.ids, calibration.truth, calibration.probs, calibration.prevalence
         half, chosen = cross_fitted_thresholds(truth, probs, prevalence, seed=0)
         half_of = dict(zip(ids, half.tolist()))
         model = self.eval_model
@@ -488,6 +482,16 @@ class Trainer:
             model.set_label_thresholds(whole)
         order = {s.id: i for i, s in enumerate(studies)}
         return sorted(preds, key=lambda p: order[p["id"]])
+
+
+class Calibration(NamedTuple):
+    """What :meth:`Trainer.calibrate_thresholds` chose the validation thresholds on, and the choice."""
+
+    ids: list[str]  # validation study ids, in the order of the rows below
+    truth: np.ndarray  # [N, 14] their training labels (what the label head learns)
+    probs: np.ndarray  # [N, 14] the label head's probabilities
+    prevalence: np.ndarray  # [14] training prevalence (the rule for labels with few validation positives)
+    thresholds: dict  # choose_thresholds(...).as_dict(): per-label threshold and rule, for the logs
 
 
 def monitor_score(metrics: dict, monitor: str) -> float:
