@@ -85,6 +85,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         "chosen on validation) and give IFNet, retrieval and the probe its features when a probe on "
                         "them beats the frozen features' probe on validation. Off by default: over four seeds it "
                         "left IFNet's validation monitor unchanged (docs/RESULTS.md) (default: %(default)s)")
+    p.add_argument("--mbr-samples", type=int, default=0, metavar="N",
+                   help="also try findings-preserving MBR decoding over N samples (ifnet.decoding.mbr) on validation, "
+                        "at each system's chosen condition mode and guidance, and decode test with it where it "
+                        "raises the validation monitor; 0 = beam search only (default: %(default)s)")
     p.add_argument("--no-meteor", action="store_true", help="skip METEOR (needs Java)")
     p.add_argument("--docs-only", action="store_true",
                    help="only regenerate the tables in --docs from the existing --out JSON (no computation)")
@@ -404,7 +408,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                  else ("main", "ablations") if args.part == "all" else (args.part,))
         specs = []
         base = dict(config_path=str(args.config), overrides=overrides, features_dir=str(feat_dir),
-                    test_ids=ids["test"], annotation=str(ann_path), image_root=str(image_root))
+                    test_ids=ids["test"], annotation=str(ann_path), image_root=str(image_root),
+                    mbr_samples=args.mbr_samples)
         # IFNet's own features (frozen or top-tuned); the IEC ablation compares the three IEC variants on
         # frozen features, where each has its own cached set.
         main = dict(base, features_dir=main_source["features_dir"], feature_kind=main_source["feature_kind"],

@@ -127,3 +127,31 @@ def test_reproduce_reports_mean_and_std_over_seeds(tiny_checkpoint, tmp_path):
     macro = [json.loads((out / f"seed{seed}" / "eval-test" / "consistency.json").read_text())["F1_macro"]
              for seed in summary["seeds"]]
     assert summary["metrics"]["consistency_F1_macro"]["mean"] == pytest.approx(sum(macro) / 2)
+
+
+def test_findings_preserving_mbr_says_what_the_beam_says(tiny_checkpoint, tmp_path, capsys):
+    """--mbr-samples changes how reports are worded, never which findings they state: per study, the labeler
+    reads the same findings in the MBR report as in the beam's, so every CE number is unchanged."""
+    from ifnet.evaluation import findings_reader
+    from ifnet.models.checkpoint import load_checkpoint
+
+    outs = {}
+    for name, extra in (("beam", ["--mbr-samples", "0"]), ("mbr", ["--mbr-samples", "6"])):
+        out = tmp_path / name
+        assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-meteor",
+                         "--guidance", "1", *extra]) == 0
+        outs[name] = (json.loads((out / "metrics.json").read_text()), json.loads((out / "predictions.json").read_text()))
+    (m_beam, p_beam), (m_mbr, p_mbr) = outs["beam"], outs["mbr"]
+    assert m_beam["mbr_samples"] == 0 and m_mbr["mbr_samples"] == 6
+    assert {k: v for k, v in m_beam.items() if k.startswith("CE_")} == {k: v for k, v in m_mbr.items() if k.startswith("CE_")}
+    _, tokenizer, _, _ = load_checkpoint(tiny_checkpoint, map_location="cpu")
+    read = findings_reader(tokenizer, "iu_xray")
+    for a, b in zip(p_beam, p_mbr):
+        assert (read([tokenizer.encode(a["generated"])]) == read([tokenizer.encode(b["generated"])])).all()
+    # generate: the same option; a negative count is a one-line error
+    image = _data_of(tiny_checkpoint) / "images" / "PHTE0000" / "0.png"
+    capsys.readouterr()
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(image), "--json", "--mbr-samples", "4"]) == 0
+    assert isinstance(json.loads(capsys.readouterr().out)["report"], str)
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(image), "--mbr-samples", "-1"]) == 1
+    assert "--mbr-samples must be >= 0" in capsys.readouterr().err

@@ -20,6 +20,12 @@ def _f(v: object) -> str:
     return f"{v:.3f}" if isinstance(v, float) else str(v)
 
 
+def _decoding(job: dict) -> str:
+    """The decoding a job's test reports were made with: the guidance weight, and MBR where it was kept."""
+    mbr = job.get("mbr_samples", 0)
+    return f"{job.get('guidance', 0):g}" + (f", findings-preserving MBR over {mbr} samples" if mbr else "")
+
+
 def _row(cells: list) -> str:
     return "| " + " | ".join(str(c) for c in cells) + " |"
 
@@ -129,7 +135,7 @@ def seeds_tables(parts: dict) -> list[str]:
         if name.startswith("IFNet seed="):
             job = r["ifnet_jobs"].get(name, {})
             lines.append(_row([name.removeprefix("IFNet ")] + [_f(s.get(m)) for m in cols]
-                              + [job.get("best_epoch", "-"), job.get("condition_mode", "-"), f"{job.get('guidance', 0):g}"]))
+                              + [job.get("best_epoch", "-"), job.get("condition_mode", "-"), _decoding(job)]))
     lines.append(_row(["**mean +- std**"] + [f"**{summary[m]['mean']:.3f} +- {summary[m]['std']:.3f}**" for m in cols]
                       + ["", "", ""]))
     main = parts.get("all") or parts.get("main")
@@ -210,7 +216,7 @@ def generated_section(merged: dict) -> str:
             monitor = ifnet.get("monitor", "BLEU_4")
             out += [f"IFNet: best epoch {ifnet['best_epoch']} of {ifnet['epochs_run']} (validation {monitor}); "
                     f"decoded with the **{ifnet['condition_mode']}** label predictions as the condition and "
-                    f"guidance weight **{ifnet.get('guidance', 0):g}**, chosen on validation by the same monitor "
+                    f"guidance weight **{_decoding(ifnet)}**, chosen on validation by the same monitor "
                     "from these (validation CE macro-F1 / BLEU_4 / distinct reports):", ""]
             out += [f"* {m}: {v['CE_F1_macro']:.3f} / {v['BLEU_4']:.3f} / {int(v.get('distinct_reports', 0))}"
                     for m, v in ifnet["val_condition_modes"].items()]

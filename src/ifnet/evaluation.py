@@ -22,11 +22,13 @@ from ifnet.models.ifnet import IFNet
 
 @torch.no_grad()
 def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: Any, *, device: torch.device,
-                   beam_size: int = 3, max_len: int = 60, guidance: float = 0.0, with_loss: bool = False,
-                   batch_size: Optional[int] = None, progress: bool = False) -> list[dict]:
+                   beam_size: int = 3, max_len: int = 60, guidance: float = 0.0, mbr_samples: int = 0,
+                   with_loss: bool = False, batch_size: Optional[int] = None, progress: bool = False) -> list[dict]:
     """One dict per study: id, generated report, reference (raw), label probabilities [14], the condition
     the report was decoded from [14] (the thresholded predictions, or the probabilities, as the model is
-    set), and ``loss`` (teacher-forced, conditioned on predicted labels) when ``with_loss``."""
+    set), and ``loss`` (teacher-forced, conditioned on predicted labels) when ``with_loss``. With
+    ``mbr_samples`` > 0 the report is chosen by findings-preserving minimum Bayes-risk decoding
+    (:mod:`ifnet.decoding.mbr`, findings read by :func:`findings_reader`)."""
     from tqdm import tqdm
 
     from ifnet.train.data import build_loader
@@ -34,6 +36,7 @@ def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: An
     was_training = model.training
     model.eval()
     loader = build_loader(ds, data_cfg, train=False, seed=0, batch_size=batch_size)
+    options = mbr_options(mbr_samples, tokenizer, data_cfg.cleaner)
     results: list[dict] = []
     try:
         for batch in tqdm(loader, desc="decoding", leave=False, disable=not progress):
@@ -41,7 +44,7 @@ def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: An
             images = batch["images"].to(device) if "images" in batch else None
             features = batch["features"].to(device).float() if "features" in batch else None
             enc = model.encode(images, view_mask, None, features=features)  # None: predicted labels
-            tokens = model.decode(enc, beam_size=beam_size, max_len=max_len, guidance=guidance)
+            tokens = model.decode(enc, beam_size=beam_size, max_len=max_len, guidance=guidance, **options)
             probs = torch.sigmoid(enc.label_logits).float().cpu().numpy()
             conditions = enc.condition.float().cpu().numpy()
             losses = None
@@ -58,6 +61,29 @@ def decode_studies(model: IFNet, ds: Dataset, tokenizer: Tokenizer, data_cfg: An
     finally:
         model.train(was_training)
     return results
+
+
+def findings_reader(tokenizer: Tokenizer, cleaner: Optional[str]) -> Any:
+    """Token lists -> their 0/1 findings ``[n, 14]``: the decoded text, prepared as the metrics prepare it,
+    labelled by the project's labeler (uncertain counted as positive). What findings-preserving MBR keeps."""
+    from ifnet.labels import to_binary
+    from ifnet.metrics.scoring import get_text_cleaner, label_texts
+
+    prepare = get_text_cleaner(cleaner)
+
+    def read(sequences: list[list[int]]) -> np.ndarray:
+        return to_binary(label_texts([prepare(tokenizer.decode(seq)) for seq in sequences]))
+
+    return read
+
+
+def mbr_options(mbr_samples: int, tokenizer: Tokenizer, cleaner: Optional[str]) -> dict:
+    """Decoding options for ``IFNet.decode``: none when ``mbr_samples`` is 0, else findings-preserving MBR."""
+    if mbr_samples < 0:
+        raise IFNetError(f"mbr_samples must be >= 0 (0: off), got {mbr_samples}")
+    if not mbr_samples:
+        return {}
+    return {"mbr_samples": int(mbr_samples), "findings_of": findings_reader(tokenizer, cleaner)}
 
 
 @torch.no_grad()
@@ -109,7 +135,7 @@ def _training_data_config(meta: dict, checkpoint: Path) -> Any:
 def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", annotation: Optional[Path] = None,
                         image_root: Optional[Path] = None, beam_size: Optional[int] = None,
                         max_len: Optional[int] = None, guidance: Optional[float] = None,
-                        limit: Optional[int] = None, meteor: bool = True,
+                        mbr_samples: Optional[int] = None, limit: Optional[int] = None, meteor: bool = True,
                         examples: int = 24, device: str = "auto", notes: tuple[str, ...] = ()) -> dict:
     """Decode ``split`` with ``checkpoint``; write predictions.json, metrics.json, consistency.json (each report
     against the condition it was decoded from, :mod:`ifnet.metrics.consistency`) and index.html to ``out``."""
@@ -135,13 +161,14 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     beam = beam_size or int(train_eval.get("beam_size", 3))
     length = max_len or int(train_eval.get("max_len", 60))
     guide = float(train_eval.get("guidance", 0.0)) if guidance is None else guidance
+    mbr = int(train_eval.get("mbr_samples", 0)) if mbr_samples is None else mbr_samples
     ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=(split,), max_views=d.max_views)
     studies = ann.split(split)[: limit or None]
     if not studies:
         raise IFNetError(f"{d.annotation}: split {split!r} is empty")
     ds = ReportDataset(studies, d.image_root, tokenizer, image_config(d), d.max_tokens, None, train=False)
     preds = decode_studies(model, ds, tokenizer, d, device=dev, beam_size=beam, max_len=length, guidance=guide,
-                           progress=True)
+                           mbr_samples=mbr, progress=True)
     refs = {p["id"]: p["reference"] for p in preds}
     hyps = {p["id"]: p["generated"] for p in preds}
     metrics_list = ("BLEU", "METEOR", "ROUGE_L", "CIDEr", "CE") if meteor else ("BLEU", "ROUGE_L", "CIDEr", "CE")
@@ -161,7 +188,8 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out / "predictions.json", rows)
     atomic_write_json(out / "metrics.json", {**metrics, "split": split, "num_studies": len(preds),
-                                             "beam_size": beam, "max_len": length, "guidance": guide, "checkpoint": str(checkpoint)})
+                                             "beam_size": beam, "max_len": length, "guidance": guide, "mbr_samples": mbr,
+                                             "checkpoint": str(checkpoint)})
     atomic_write_json(out / "consistency.json", {**consistency, "split": split, "checkpoint": str(checkpoint)})
     enhancer = build_enhancer(d.iec if d.iec != "none" else "clahe", d.clip_limit, d.tile_grid)
     page_examples = []
@@ -175,6 +203,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
                metrics={k: v for k, v in metrics.items()},
                curves_png=Path(checkpoint).parent / "curves.png",
                notes=[*notes, f"checkpoint {checkpoint}; beam {beam}; condition guidance {guide:g}; "
+                                  f"{f'MBR over {mbr} samples; ' if mbr else ''}"
                                   f"CE uncertain -> {metrics.get('CE_uncertain', 'positive')}",
                       consistency_note(consistency)])
     return {"metrics": metrics, "predictions": rows, "consistency": consistency}

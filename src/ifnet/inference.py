@@ -77,6 +77,7 @@ class _StudyPipeline:
     device: torch.device = torch.device("cpu")
     max_views: int = 2
     cleaner: Optional[str] = "iu_xray"  # the training data's report cleaner, for labelling the generated text
+    mbr_samples: int = 0  # findings-preserving MBR decoding over this many samples (0: the beam's best report)
 
     def _encode(self, features: torch.Tensor, view_mask: torch.Tensor, condition: Optional[np.ndarray]):
         raise NotImplementedError
@@ -105,7 +106,10 @@ class _StudyPipeline:
         enc = self._encode(features, view_mask, condition)
         t["memory_encoder"] = time.perf_counter() - t0
         t0 = time.perf_counter()
-        tokens = self.engine.decode(enc, beam_size=self.beam_size, max_len=self.max_len, guidance=self.guidance)
+        from ifnet.evaluation import mbr_options
+
+        tokens = self.engine.decode(enc, beam_size=self.beam_size, max_len=self.max_len, guidance=self.guidance,
+                                    **mbr_options(self.mbr_samples, self.tokenizer, self.cleaner))
         t["decode"] = time.perf_counter() - t0
         probs = torch.sigmoid(enc.label_logits[0]).float().cpu().numpy()
         report = self.tokenizer.decode(tokens[0].tolist())
@@ -143,7 +147,8 @@ class _StudyPipeline:
 
 class Predictor(_StudyPipeline):
     def __init__(self, checkpoint: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
-                 max_len: Optional[int] = None, guidance: Optional[float] = None) -> None:
+                 max_len: Optional[int] = None, guidance: Optional[float] = None,
+                 mbr_samples: Optional[int] = None) -> None:
         from ifnet.evaluation import _training_data_config
         from ifnet.models.checkpoint import load_checkpoint
         from ifnet.train.data import image_config
@@ -160,6 +165,9 @@ class Predictor(_StudyPipeline):
         self.beam_size = beam_size or int(train_eval.get("beam_size", 3))
         self.max_len = max_len or int(train_eval.get("max_len", 60))
         self.guidance = guidance_weight(guidance, train_eval.get("guidance", 0.0))
+        self.mbr_samples = int(train_eval.get("mbr_samples", 0)) if mbr_samples is None else int(mbr_samples)
+        if self.mbr_samples < 0:
+            raise IFNetError(f"--mbr-samples must be >= 0 (0: off), got {self.mbr_samples}")
         self.checkpoint = str(checkpoint)
 
     @torch.no_grad()
@@ -175,7 +183,8 @@ class Predictor(_StudyPipeline):
     def describe(self) -> dict:
         return {"runtime": "pytorch", "extractor": self.config.extractor, "max_views": self.max_views,
                 "image_size": self.data_config.image_size, "iec": self.data_config.iec, "beam_size": self.beam_size,
-                "max_len": self.max_len, "guidance": self.guidance, "device": str(self.device)}
+                "max_len": self.max_len, "guidance": self.guidance, "mbr_samples": self.mbr_samples,
+                "device": str(self.device)}
 
 
 def is_onnx_export(path: Path | str) -> bool:
@@ -187,17 +196,20 @@ def is_onnx_export(path: Path | str) -> bool:
 
 def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
                    max_len: Optional[int] = None, guidance: Optional[float] = None,
-                   threads: Optional[int] = None) -> _StudyPipeline:
+                   threads: Optional[int] = None, mbr_samples: Optional[int] = None) -> _StudyPipeline:
     """A :class:`Predictor` for a checkpoint folder, or an ONNX Runtime
     :class:`~ifnet.export.runtime.OnnxPredictor` for an ``ifnet export`` folder (its default variant, on
     the CPU with ``threads`` intra-op threads)."""
     if is_onnx_export(path):
         if device not in ("auto", "cpu"):
             raise IFNetError(f"{path}: an ONNX export runs on the CPU (ONNX Runtime); got --device {device}")
+        if mbr_samples:
+            raise IFNetError(f"{path}: an ONNX export decodes with beam search only; --mbr-samples needs a checkpoint")
         from ifnet.export.runtime import OnnxPredictor
 
         return OnnxPredictor(path, beam_size=beam_size, max_len=max_len, guidance=guidance, threads=threads)
-    return Predictor(path, device=device, beam_size=beam_size, max_len=max_len, guidance=guidance)
+    return Predictor(path, device=device, beam_size=beam_size, max_len=max_len, guidance=guidance,
+                     mbr_samples=mbr_samples)
 
 
 def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45) -> bytes:

@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, help="maximum report length in tokens (default: the training config's)")
     parser.add_argument("--guidance", type=float, help="condition guidance weight (default: the training config's "
                         "eval.guidance; 0 = plain beam search)")
+    parser.add_argument("--mbr-samples", type=int, help="choose each report by findings-preserving minimum Bayes-risk "
+                        "decoding over N samples (default: the training config's eval.mbr_samples; 0 = off)")
     parser.add_argument("--limit", type=int, help="decode only the first N studies of the split")
     parser.add_argument("--no-meteor", action="store_true", help="skip METEOR (it needs Java)")
     parser.add_argument("--examples", type=int, default=24, help="studies shown on the HTML page (default 24)")
@@ -44,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
                 raise IFNetError(f"{out / name}: already exists; pass --overwrite to replace it")
     result = evaluate_checkpoint(args.checkpoint, out, split=args.split, annotation=args.annotation,
                                  image_root=args.image_root, beam_size=args.beam_size, max_len=args.max_len,
-                                 guidance=args.guidance,
+                                 guidance=args.guidance, mbr_samples=args.mbr_samples,
                                  limit=args.limit, meteor=not args.no_meteor, examples=args.examples,
                                  device=args.device)
     from ifnet.cli.score import format_table

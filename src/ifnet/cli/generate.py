@@ -26,6 +26,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, help="maximum report length in tokens")
     parser.add_argument("--guidance", type=float, help="condition guidance weight (default: the checkpoint's "
                         "eval.guidance; 0 = plain beam search)")
+    parser.add_argument("--mbr-samples", type=int, help="choose the report by findings-preserving minimum Bayes-risk "
+                        "decoding over N samples (default: the checkpoint's eval.mbr_samples; 0 = off)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --heatmap file")
 
@@ -42,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     findings = parse_findings(args.findings) if args.findings is not None else None
     views = [read_xray(p) for p in args.images]  # clear ImageError naming a bad file, before loading the model
     predictor = open_predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
-                               guidance=args.guidance)
+                               guidance=args.guidance, mbr_samples=args.mbr_samples)
     pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
     if args.heatmap is not None and pred.heatmap is not None:
         atomic_write_bytes(args.heatmap, heatmap_overlay_png(views[0], pred.heatmap))

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, NamedTuple, Optional, Tuple, Union
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,12 @@ class DecodingConfig:
     # with guidance: let it amplify an immediate repetition of the word just written (off by default, the
     # cap that stops guided reports stuttering; ifnet.decoding.guidance). True reproduces earlier decoding.
     amplify_repeats: bool = False
+    # minimum Bayes-risk decoding (ifnet.decoding.mbr): 0 = off; N > 0 draws N reports per study from the
+    # unguided model and returns the candidate (beam hypotheses and samples) they agree with most under
+    # sentence BLEU-4; with guidance, N // 2 samples of the guided model join the candidates
+    mbr_samples: int = 0
+    mbr_temperature: float = 0.7  # sampling temperature of the guided candidates
+    mbr_seed: int = 0  # seed of the sampling (a decode is repeatable for the same inputs and batch)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
@@ -62,6 +68,10 @@ class DecodingConfig:
             raise ValueError(f"trigram_penalty must be > 0, got {self.trigram_penalty}")
         if not (self.guidance >= 0 and math.isfinite(self.guidance)):
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
+        if self.mbr_samples < 0:
+            raise ValueError(f"mbr_samples must be >= 0 (0: off), got {self.mbr_samples}")
+        if not (self.mbr_temperature > 0 and math.isfinite(self.mbr_temperature)):
+            raise ValueError(f"mbr_temperature must be a finite number > 0, got {self.mbr_temperature}")
 
 
 class BeamSearchOutput(NamedTuple):
@@ -77,14 +87,28 @@ class BeamPool(NamedTuple):
 
 
 def generate(model: "StepModel", batch_inputs: Any, cfg: Optional[DecodingConfig] = None, *,
-             bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> Tensor:
+             bos_id: int = BOS_ID, eos_id: int = EOS_ID, pad_id: int = PAD_ID,
+             findings_of: Optional[Callable[[list[list[int]]], Any]] = None) -> Tensor:
     """Decode with ``cfg`` (default ``DecodingConfig()``), condition-guided when ``cfg.guidance > 0``: greedy when ``beam_size == 1`` and there is
-    no length penalty (the two are then identical, greedy is cheaper), beam search otherwise. -> [B, L]."""
+    no length penalty (the two are then identical, greedy is cheaper), beam search otherwise, and minimum
+    Bayes-risk selection among the beam and samples when ``cfg.mbr_samples > 0``, restricted to candidates
+    stating the beam's findings when ``findings_of`` is given (:func:`ifnet.decoding.mbr.mbr_decode`). -> [B, L]."""
     cfg = DecodingConfig() if cfg is None else cfg
+    plain = model
     if cfg.guidance > 0:
         from ifnet.decoding.guidance import GuidedStepModel
 
         model = GuidedStepModel(model, cfg.guidance, amplify_repeats=cfg.amplify_repeats)
+    if cfg.mbr_samples > 0:
+        from ifnet.decoding.mbr import mbr_decode
+
+        return mbr_decode(model, batch_inputs, beam_size=cfg.beam_size, num_samples=cfg.mbr_samples,
+                          max_len=cfg.max_len, evidence_model=plain,
+                          guided_samples=cfg.mbr_samples // 2 if cfg.guidance > 0 else 0,
+                          guided_temperature=cfg.mbr_temperature, findings_of=findings_of,
+                          length_penalty=cfg.length_penalty, block_trigrams=cfg.block_trigrams,
+                          trigram_penalty=cfg.trigram_penalty, seed=cfg.mbr_seed, bos_id=bos_id, eos_id=eos_id,
+                          pad_id=pad_id)
     if cfg.beam_size == 1 and cfg.length_penalty == 0:
         return greedy_decode(model, batch_inputs, bos_id=bos_id, eos_id=eos_id, max_len=cfg.max_len,
                              pad_id=pad_id, block_trigrams=cfg.block_trigrams,

@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -430,9 +430,12 @@ class IFNet(nn.Module):
             return self.decode(enc, beam_size=beam_size, max_len=max_len, **decoding_options)
 
     @torch.no_grad()
-    def decode(self, enc: EncoderOutput, *, beam_size: int = 3, max_len: int = 60, **decoding_options: Any) -> Tensor:
+    def decode(self, enc: EncoderOutput, *, beam_size: int = 3, max_len: int = 60,
+               findings_of: Optional[Callable[[list[list[int]]], Any]] = None, **decoding_options: Any) -> Tensor:
         """Report token ids ``[B, L]`` from an :class:`EncoderOutput` (one decoding path for generate,
-        evaluation and serving: beam search, or greedy when ``beam_size=1``)."""
+        evaluation and serving: beam search, or greedy when ``beam_size=1``; minimum Bayes-risk selection
+        with ``mbr_samples``, findings-preserving when ``findings_of`` reads the findings of token lists,
+        see :func:`ifnet.evaluation.findings_reader`)."""
         from ifnet.decoding.search import DecodingConfig
         from ifnet.decoding.search import generate as search
 
@@ -440,7 +443,8 @@ class IFNet(nn.Module):
         if max_len > self.config.max_positions:
             raise IFNetError(f"max_len={max_len} exceeds the model's max_positions={self.config.max_positions}")
         with _eval_mode(self):
-            return search(IFNetDecoder(self), enc, decoding, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID)
+            return search(IFNetDecoder(self), enc, decoding, bos_id=BOS_ID, eos_id=EOS_ID, pad_id=PAD_ID,
+                          findings_of=findings_of)
 
     def generate_for_batch(self, batch: Mapping[str, Any], **kwargs: Any) -> Tensor:
         """Evaluation entry point: reads only ``images`` (or ``features``) and ``view_mask`` from a collated

@@ -36,6 +36,8 @@ class ModelInfo(BaseModel):
     beam_size: int
     max_len: int
     guidance: float = Field(description="condition guidance weight of the decoding (0: plain beam search)")
+    mbr_samples: int = Field(0, description="samples of findings-preserving minimum Bayes-risk decoding "
+                                            "(0: the beam's best report)")
     device: str
     version: str
 

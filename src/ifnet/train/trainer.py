@@ -412,7 +412,7 @@ class Trainer:
         calibration = self.calibrate_thresholds(ds)
         thresholds = calibration.thresholds if calibration is not None else None
         decode = dict(device=self.device, beam_size=cfg.eval.beam_size, max_len=cfg.eval.max_len,
-                      guidance=cfg.eval.guidance, with_loss=True)
+                      guidance=cfg.eval.guidance, mbr_samples=cfg.eval.mbr_samples, with_loss=True)
         if cfg.eval.crossfit_thresholds and calibration is not None:
             preds = self._decode_cross_fitted(studies, decode, calibration)
         else:
