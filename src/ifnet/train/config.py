@@ -104,7 +104,7 @@ class EvalConfig:
     # 0 = plain beam search
     guidance: float = 0.0
     # findings-preserving minimum Bayes-risk decoding (ifnet.decoding.mbr) over this many samples per study,
-    # for validation, evaluate and generate; 0 = the beam's best report. Costs about 5x a beam-3 decode at 32
+    # for validation, evaluate and generate; 0 = the beam's best report. Costs 4-9x a beam-3 decode at 32
     mbr_samples: int = 0
     # validation metric for model selection (higher is better); "A+B" sums metrics, e.g. BLEU_4+CE_F1_macro
     # so that a template that scores BLEU but says nothing about the image is not what gets kept
