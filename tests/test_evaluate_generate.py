@@ -155,3 +155,6 @@ def test_findings_preserving_mbr_says_what_the_beam_says(tiny_checkpoint, tmp_pa
     assert isinstance(json.loads(capsys.readouterr().out)["report"], str)
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(image), "--mbr-samples", "-1"]) == 1
     assert "--mbr-samples must be >= 0" in capsys.readouterr().err
+    assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "neg"), "--no-meteor",
+                     "--mbr-samples", "-1"]) == 1
+    assert "--mbr-samples must be >= 0" in capsys.readouterr().err and not (tmp_path / "neg").exists()

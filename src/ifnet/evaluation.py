@@ -79,8 +79,6 @@ def findings_reader(tokenizer: Tokenizer, cleaner: Optional[str]) -> Any:
 
 def mbr_options(mbr_samples: int, tokenizer: Tokenizer, cleaner: Optional[str]) -> dict:
     """Decoding options for ``IFNet.decode``: none when ``mbr_samples`` is 0, else findings-preserving MBR."""
-    if mbr_samples < 0:
-        raise IFNetError(f"mbr_samples must be >= 0 (0: off), got {mbr_samples}")
     if not mbr_samples:
         return {}
     return {"mbr_samples": int(mbr_samples), "findings_of": findings_reader(tokenizer, cleaner)}
@@ -145,6 +143,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     from ifnet.data.dataset import ReportDataset
     from ifnet.data.images import read_xray, to_uint8
     from ifnet.iec.clahe import build_enhancer
+    from ifnet.inference import mbr_sample_count
     from ifnet.io_utils import atomic_write_json
     from ifnet.metrics.consistency import check_reports, consistency_note
     from ifnet.metrics.scoring import score_reports
@@ -161,7 +160,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     beam = beam_size or int(train_eval.get("beam_size", 3))
     length = max_len or int(train_eval.get("max_len", 60))
     guide = float(train_eval.get("guidance", 0.0)) if guidance is None else guidance
-    mbr = int(train_eval.get("mbr_samples", 0)) if mbr_samples is None else mbr_samples
+    mbr = mbr_sample_count(mbr_samples, train_eval.get("mbr_samples", 0))
     ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=(split,), max_views=d.max_views)
     studies = ann.split(split)[: limit or None]
     if not studies:

@@ -63,6 +63,14 @@ def guidance_weight(value: Optional[float], default: float) -> float:
     return weight
 
 
+def mbr_sample_count(value: Optional[int], default: int) -> int:
+    """The number of MBR samples to decode with: ``value`` if given, else the model's ``default`` (0: off)."""
+    count = int(default if value is None else value)
+    if count < 0:
+        raise IFNetError(f"--mbr-samples must be >= 0 (0: off), got {count}")
+    return count
+
+
 class _StudyPipeline:
     """The per-study pipeline shared by :class:`Predictor` (PyTorch) and
     :class:`ifnet.export.runtime.OnnxPredictor` (ONNX Runtime): enhance -> preprocess -> backbone ->
@@ -165,9 +173,7 @@ class Predictor(_StudyPipeline):
         self.beam_size = beam_size or int(train_eval.get("beam_size", 3))
         self.max_len = max_len or int(train_eval.get("max_len", 60))
         self.guidance = guidance_weight(guidance, train_eval.get("guidance", 0.0))
-        self.mbr_samples = int(train_eval.get("mbr_samples", 0)) if mbr_samples is None else int(mbr_samples)
-        if self.mbr_samples < 0:
-            raise IFNetError(f"--mbr-samples must be >= 0 (0: off), got {self.mbr_samples}")
+        self.mbr_samples = mbr_sample_count(mbr_samples, train_eval.get("mbr_samples", 0))
         self.checkpoint = str(checkpoint)
 
     @torch.no_grad()
