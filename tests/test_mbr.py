@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from ifnet.decoding import DecodingConfig, beam_search, generate
-from ifnet.decoding.mbr import mbr_decode, sample, select, sentence_bleu
+from ifnet.decoding.mbr import mbr_decode, sample, select, sentence_bleu, utility
 from test_decoding import BOS, EOS, PAD, A, B, C, MarkovModel, table
 
 IDS = dict(bos_id=BOS, eos_id=EOS, pad_id=PAD)
@@ -23,6 +23,28 @@ def test_sentence_bleu_known_values():
     assert sentence_bleu([3, 4, 5, 6], [3, 4, 5, 7]) == pytest.approx(expected)
     # a hypothesis shorter than the reference pays the brevity penalty exp(1 - 6/3)
     assert sentence_bleu([3, 4, 5], [3, 4, 5, 6, 7, 8]) == pytest.approx(math.exp(1 - 2) * (1 * 1 * 1 * 1) ** 0.25)
+
+
+def test_utility_penalises_length_both_ways():
+    ref = [3, 4, 5, 6]
+    # no longer than the reference: the utility is sentence BLEU
+    assert utility([3, 4, 5], ref) == pytest.approx(sentence_bleu([3, 4, 5], ref))
+    assert utility(ref, ref) == pytest.approx(1.0)
+    # longer: BLEU charges only the lower precisions; the utility adds exp(1 - c/r)
+    long = [3, 4, 5, 6, 9, 9, 9, 9]
+    assert utility(long, ref) == pytest.approx(sentence_bleu(long, ref) * math.exp(1 - 8 / 4))
+    assert utility(long, ref) < sentence_bleu(long, ref)
+    assert utility([], ref) == 0.0
+
+
+def test_two_sided_selection_does_not_favour_longer_candidates():
+    # samples of 5-8 words sharing a prefix: plain BLEU charges the longer candidate nothing against the
+    # shorter samples and picks it; the two-sided utility charges either mismatch and picks the shorter
+    a = [3, 4, 5, 6, 7]
+    samples = [a + [EOS], a + [8, EOS], a + [8, 9, EOS], a + [8, 9, 10, EOS], a + [8, 9, 10, EOS]]
+    shorter, longer = a + [8, EOS], a + [8, 9, EOS]
+    assert select([shorter, longer], samples, two_sided=False) == 1
+    assert select([shorter, longer], samples) == 0
 
 
 def test_select_returns_the_candidate_the_samples_agree_with_most():

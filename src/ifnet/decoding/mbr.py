@@ -12,9 +12,13 @@ of them, and BLEU rewards the report that is *central* among the plausible ones 
 3. with ``findings_of`` (the decoders in :mod:`ifnet.evaluation` and :mod:`ifnet.inference` pass the
    project's labeler), only the candidates that state exactly the findings of the beam's best report
    are eligible: MBR then changes how the report is worded, never what it says (*findings-preserving*);
-4. each eligible candidate's expected utility is its mean smoothed sentence BLEU-4 against the samples of
-   step 1 (a sample is never compared with itself), and the best one is returned (ties: the earlier one,
-   so the beam's best wins a tie).
+4. each eligible candidate's expected utility is its mean :func:`utility` against the samples of step 1
+   (a sample is never compared with itself), and the best one is returned (ties: the earlier one, so the
+   beam's best wins a tie). The utility is smoothed sentence BLEU-4 with a *two-sided* length penalty:
+   BLEU's brevity penalty ``exp(1 - r/c)`` punishes only a candidate shorter than the sample, so against
+   samples of many lengths the longest plausible candidate pays least and plain BLEU picks reports longer
+   than the model's typical one; ``exp(1 - max(r/c, c/r))`` punishes a length mismatch either way.
+   (``select(..., two_sided=False)`` restores plain sentence BLEU-4.)
 
 Nothing outside the study's own inputs enters: no reference text, no other study. Sampling uses a
 ``torch.Generator`` seeded with ``seed``, so a decode is repeatable for the same inputs, batch and device.
@@ -54,7 +58,7 @@ def sample(model: "StepModel", batch_inputs: Any, *, num_samples: int, max_len: 
 
     Each step samples from ``softmax(log_softmax(logits) / temperature)`` after the same trigram rule as
     beam search; rows that have ended get ``pad_id``."""
-    from ifnet.decoding.search import _batch_size_and_device, _check_args, _penalise_trigrams
+    from ifnet.decoding.search import _batch_size_and_device, _check_args, run_steps
 
     _check_args(max_len, trigram_penalty)
     if num_samples < 1:
@@ -63,29 +67,21 @@ def sample(model: "StepModel", batch_inputs: Any, *, num_samples: int, max_len: 
         raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
     state = model.start(batch_inputs)
     batch, device = _batch_size_and_device(batch_inputs, state)
-    rows = batch * num_samples
     state = state.index_select(torch.arange(batch, device=device).repeat_interleave(num_samples))
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
-    tokens = torch.full((rows,), bos_id, dtype=torch.long, device=device)
-    out = torch.full((rows, max_len), pad_id, dtype=torch.long, device=device)
-    finished = torch.zeros(rows, dtype=torch.bool, device=device)
-    for t in range(max_len):
-        logits, state = model.step(tokens, state)
-        logp = F.log_softmax(logits.float(), dim=-1)
-        if block_trigrams:
-            logp = _penalise_trigrams(logp, out[:, :t], trigram_penalty)
+
+    def draw(logits: Tensor, _: Tensor) -> Tensor:
+        logp = logits if block_trigrams else F.log_softmax(logits.float(), dim=-1)
         probs = torch.softmax(logp / temperature, dim=-1)
         dead = ~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)
         if bool(dead.any()):  # every token forbidden (cannot happen with eos allowed): end the report
             probs[dead] = 0.0
             probs[dead, eos_id] = 1.0
-        tokens = torch.multinomial(probs, 1, generator=generator).squeeze(1).masked_fill(finished, pad_id)
-        out[:, t] = tokens
-        finished |= tokens == eos_id
-        if bool(finished.all()):
-            out = out[:, : t + 1]
-            break
+        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+    out = run_steps(model, state, batch * num_samples, device, draw, bos_id=bos_id, eos_id=eos_id,
+                    max_len=max_len, pad_id=pad_id, block_trigrams=block_trigrams, trigram_penalty=trigram_penalty)
     return out.reshape(batch, num_samples, -1)
 
 
@@ -110,7 +106,14 @@ def sentence_bleu(hyp: Sequence[int], ref: Sequence[int]) -> float:
     return _bleu(tuple(hyp), _ngrams(tuple(hyp)), len(ref), _ngrams(tuple(ref)))
 
 
-def _bleu(hyp: tuple[int, ...], hyp_ngrams: list[Counter], ref_len: int, ref_ngrams: list[Counter]) -> float:
+def utility(hyp: Sequence[int], ref: Sequence[int]) -> float:
+    """MBR's utility: :func:`sentence_bleu` with the length penalty applied both ways, ``exp(1 - max(r/c,
+    c/r))`` for hypothesis length ``c`` and reference length ``r`` (equal to BLEU's when ``c <= r``)."""
+    return _bleu(tuple(hyp), _ngrams(tuple(hyp)), len(ref), _ngrams(tuple(ref)), two_sided=True)
+
+
+def _bleu(hyp: tuple[int, ...], hyp_ngrams: list[Counter], ref_len: int, ref_ngrams: list[Counter],
+          two_sided: bool = False) -> float:
     if not hyp:
         return 0.0
     log_p = 0.0
@@ -124,12 +127,16 @@ def _bleu(hyp: tuple[int, ...], hyp_ngrams: list[Counter], ref_len: int, ref_ngr
         else:
             log_p += math.log((match + 1) / (total + 1))
     brevity = min(0.0, 1.0 - ref_len / len(hyp))
+    if two_sided and ref_len > 0:
+        brevity = min(brevity, 1.0 - len(hyp) / ref_len)
     return math.exp(brevity + log_p / ORDERS)
 
 
 def select(candidates: Sequence[Sequence[int]], samples: Sequence[Sequence[int]], *,
-           candidate_is_sample: Sequence[int | None] = (), eos_id: int = EOS_ID, pad_id: int = PAD_ID) -> int:
-    """Index of the candidate with the highest mean sentence BLEU-4 against ``samples`` (ties: lowest index).
+           candidate_is_sample: Sequence[int | None] = (), two_sided: bool = True, eos_id: int = EOS_ID,
+           pad_id: int = PAD_ID) -> int:
+    """Index of the candidate with the highest mean :func:`utility` against ``samples`` (ties: lowest index);
+    ``two_sided=False``: mean :func:`sentence_bleu` (BLEU's one-sided brevity penalty) instead.
 
     ``candidate_is_sample[i] = j`` says candidate ``i`` *is* sample ``j``; that pair is left out of its mean.
     Token sequences may carry eos and pad (see the module docstring)."""
@@ -150,7 +157,7 @@ def select(candidates: Sequence[Sequence[int]], samples: Sequence[Sequence[int]]
             score = seen[words]
         else:
             grams = _ngrams(words)
-            scores = [_bleu(words, grams, rl, rg) for j, (rl, rg) in enumerate(refs) if j != own[i]]
+            scores = [_bleu(words, grams, rl, rg, two_sided) for j, (rl, rg) in enumerate(refs) if j != own[i]]
             score = sum(scores) / len(scores) if scores else 0.0
             if own[i] is None:
                 seen[words] = score

@@ -54,7 +54,8 @@ class DecodingConfig:
     amplify_repeats: bool = False
     # minimum Bayes-risk decoding (ifnet.decoding.mbr): 0 = off; N > 0 draws N reports per study from the
     # unguided model and returns the candidate (beam hypotheses and samples) they agree with most under
-    # sentence BLEU-4; with guidance, N // 2 samples of the guided model join the candidates
+    # sentence BLEU-4 with a two-sided length penalty; with guidance, N // 2 samples of the guided model
+    # join the candidates
     mbr_samples: int = 0
     mbr_temperature: float = 0.7  # sampling temperature of the guided candidates
     mbr_seed: int = 0  # seed of the sampling (a decode is repeatable for the same inputs and batch)
@@ -186,6 +187,32 @@ def _trim(tokens: Tensor, pad_id: int) -> Tensor:
 # --------------------------------------------------------------------------------------------
 
 
+#: chooses each row's next token: ``(log-probabilities [rows, V] after the trigram rule, or raw logits when
+#: trigram blocking is off; tokens so far [rows, t]) -> tokens [rows]``
+TokenChooser = Callable[[Tensor, Tensor], Tensor]
+
+
+def run_steps(model: "StepModel", state: Any, rows: int, device: torch.device, choose: TokenChooser, *,
+              bos_id: int, eos_id: int, max_len: int, pad_id: int = PAD_ID, block_trigrams: bool = False,
+              trigram_penalty: float = math.inf) -> Tensor:
+    """The one-token-per-step loop of greedy decoding and sampling, from a decoding ``state`` of ``rows``
+    rows: ``choose`` picks each step's tokens; rows that have ended get ``pad_id``; stops when every row
+    has ended. Returns tokens [rows, L] (no bos; eos kept; pad after it)."""
+    tokens = torch.full((rows,), bos_id, dtype=torch.long, device=device)
+    out = torch.full((rows, max_len), pad_id, dtype=torch.long, device=device)
+    finished = torch.zeros(rows, dtype=torch.bool, device=device)
+    for t in range(max_len):
+        logits, state = model.step(tokens, state)
+        if block_trigrams:
+            logits = _penalise_trigrams(F.log_softmax(logits.float(), dim=-1), out[:, :t], trigram_penalty)
+        tokens = choose(logits, out[:, :t]).masked_fill(finished, pad_id)
+        out[:, t] = tokens
+        finished |= tokens == eos_id
+        if bool(finished.all()):
+            return out[:, : t + 1]
+    return out
+
+
 @torch.no_grad()
 def greedy_decode(model: "StepModel", batch_inputs: Any, *, bos_id: int, eos_id: int, max_len: int,
                   pad_id: int = PAD_ID, block_trigrams: bool = False,
@@ -198,19 +225,9 @@ def greedy_decode(model: "StepModel", batch_inputs: Any, *, bos_id: int, eos_id:
     _check_args(max_len, trigram_penalty)
     state = model.start(batch_inputs)
     batch, device = _batch_size_and_device(batch_inputs, state)
-    tokens = torch.full((batch,), bos_id, dtype=torch.long, device=device)
-    out = torch.full((batch, max_len), pad_id, dtype=torch.long, device=device)
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    for t in range(max_len):
-        logits, state = model.step(tokens, state)
-        if block_trigrams:
-            logits = _penalise_trigrams(F.log_softmax(logits.float(), dim=-1), out[:, :t], trigram_penalty)
-        tokens = logits.argmax(dim=-1).masked_fill(finished, pad_id)
-        out[:, t] = tokens
-        finished |= tokens == eos_id
-        if bool(finished.all()):
-            return out[:, : t + 1]
-    return out
+    return run_steps(model, state, batch, device, lambda logits, _: logits.argmax(dim=-1), bos_id=bos_id,
+                     eos_id=eos_id, max_len=max_len, pad_id=pad_id, block_trigrams=block_trigrams,
+                     trigram_penalty=trigram_penalty)
 
 
 # --------------------------------------------------------------------------------------------
