@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from ifnet.decoding.guidance import valid_weight
 from ifnet.errors import IFNetError
 from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS
 from ifnet.metrics.consistency import check_reports
@@ -58,7 +59,7 @@ def parse_findings(text: str) -> np.ndarray:
 def guidance_weight(value: Optional[float], default: float) -> float:
     """The condition guidance weight to decode with: ``value`` if given, else the model's ``default``."""
     weight = float(default if value is None else value)
-    if not (weight >= 0 and np.isfinite(weight)):
+    if not valid_weight(weight):
         raise IFNetError(f"--guidance must be a finite number >= 0, got {value}")
     return weight
 

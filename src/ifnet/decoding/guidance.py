@@ -41,6 +41,12 @@ from ifnet.labels import NUM_OBSERVATIONS
 Tensor = torch.Tensor
 
 
+def valid_weight(weight: float) -> bool:
+    """Whether ``weight`` is a usable guidance weight: a finite number >= 0 (0: no guidance). The one rule
+    behind every check of it (the config, ``DecodingConfig``, this module, ``--guidance``)."""
+    return weight >= 0 and math.isfinite(weight)
+
+
 def normal_condition(like: Tensor) -> Tensor:
     """The No-Finding-only label vector, shaped and typed like ``like [B, 14]``."""
     out = torch.zeros_like(like)
@@ -65,7 +71,7 @@ class GuidedStepModel:
     """``StepModel`` wrapper returning guided log-probabilities (see the module docstring)."""
 
     def __init__(self, inner: Any, weight: float, *, amplify_repeats: bool = False) -> None:
-        if not (weight >= 0 and math.isfinite(weight)):
+        if not valid_weight(weight):
             raise ValueError(f"guidance weight must be a finite number >= 0, got {weight}")
         self.inner = inner
         self.weight = float(weight)

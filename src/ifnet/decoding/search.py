@@ -67,7 +67,9 @@ class DecodingConfig:
             raise ValueError(f"max_len must be >= 1, got {self.max_len}")
         if not self.trigram_penalty > 0:
             raise ValueError(f"trigram_penalty must be > 0, got {self.trigram_penalty}")
-        if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+        from ifnet.decoding.guidance import valid_weight
+
+        if not valid_weight(self.guidance):
             raise ValueError(f"guidance must be a finite number >= 0, got {self.guidance}")
         if self.mbr_samples < 0:
             raise ValueError(f"mbr_samples must be >= 0 (0: off), got {self.mbr_samples}")

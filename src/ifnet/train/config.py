@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Optional
 
 from ifnet.config import SettingError
 from ifnet.data.transforms import IEC_MODES
+from ifnet.decoding.guidance import valid_weight
 from ifnet.metrics.clinical import UNCERTAIN_MAPPINGS
 from ifnet.models.ifnet import IFNetConfig
+from ifnet.train.ema import decay_problem
 
 
 @dataclass
@@ -92,8 +93,9 @@ class OptimConfig:
             raise SettingError("label_forcing", f"must be in [0, 1], got {self.label_forcing}")
         if not 0.0 <= self.report_label_smoothing < 1.0:
             raise SettingError("report_label_smoothing", f"must be in [0, 1), got {self.report_label_smoothing}")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise SettingError("ema_decay", f"must be in (0, 1) or null (no averaging), got {self.ema_decay}")
+        problem = decay_problem(self.ema_decay)
+        if problem:
+            raise SettingError("ema_decay", problem)
 
 
 @dataclass
@@ -120,7 +122,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         _at_least(self, ("beam_size", "max_len", "patience"), 1)
         _at_least(self, ("mbr_samples",), 0)
-        if not (self.guidance >= 0 and math.isfinite(self.guidance)):
+        if not valid_weight(self.guidance):
             raise SettingError("guidance", f"must be a finite number >= 0 (0: plain beam search), got {self.guidance}")
         if self.uncertain not in UNCERTAIN_MAPPINGS:
             raise SettingError("uncertain", f"must be one of {', '.join(UNCERTAIN_MAPPINGS)}, got {self.uncertain!r}")

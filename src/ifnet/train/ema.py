@@ -25,9 +25,18 @@ def ema_decay_at(decay: float, updates: int) -> float:
     return decay * (1.0 - decay ** (updates - 1)) / (1.0 - decay ** updates)
 
 
-def check_decay(decay: Optional[float]) -> None:
+def decay_problem(decay: Optional[float]) -> Optional[str]:
+    """What is wrong with ``decay`` as ``optim.ema_decay`` (None: nothing); the config and
+    :func:`check_decay` both use it."""
     if decay is not None and not 0.0 < decay < 1.0:
-        raise IFNetError(f"optim.ema_decay must be in (0, 1) or null (no averaging), got {decay}")
+        return f"must be in (0, 1) or null (no averaging), got {decay}"
+    return None
+
+
+def check_decay(decay: Optional[float]) -> None:
+    problem = decay_problem(decay)
+    if problem:
+        raise IFNetError(f"optim.ema_decay {problem}")
 
 
 class WeightEMA:
