@@ -91,6 +91,28 @@ def test_sampling_is_seeded_follows_the_distribution_and_keeps_the_token_layout(
         sample(model, items, num_samples=2, max_len=5, temperature=0.0, **IDS)
 
 
+def test_a_studys_samples_do_not_depend_on_the_rest_of_its_batch():
+    # two items with different distributions and varied lengths; item 1 sampled alone, after item 0, and
+    # twice beside it: its samples are the same each time (ifnet generate on one study = evaluate on a split)
+    probs = torch.stack([table(6, {BOS: {A: 0.5, B: 0.5}, A: {A: 0.6, EOS: 0.4}, B: {EOS: 1.0}}),
+                         table(6, {BOS: {A: 0.2, B: 0.3, C: 0.5}, A: {EOS: 1.0}, B: {B: 0.5, EOS: 0.5},
+                                   C: {A: 0.3, EOS: 0.7}})])
+    model = MarkovModel(probs)
+
+    def item1_samples(items):
+        out = sample(model, torch.tensor(items), num_samples=40, max_len=8, seed=3, block_trigrams=False, **IDS)
+        return [[out[i, j].tolist() for j in range(40)] for i, item in enumerate(items) if item == 1]
+
+    def trimmed(rows):
+        return [[t for t in row if t != PAD] for row in rows]
+
+    alone = trimmed(item1_samples([1])[0])
+    assert len({tuple(r) for r in alone}) > 3  # really random
+    for items in ([0, 1], [1, 0, 1], [0, 0, 1]):
+        for rows in item1_samples(items):
+            assert trimmed(rows) == alone
+
+
 def test_sampled_reports_stop_at_eos_and_pad_after_it():
     # A repeats with 0.5 or ends: reports of varied length in one batch
     model = MarkovModel(table(6, {BOS: {A: 1.0}, A: {A: 0.5, EOS: 0.5}}))
@@ -124,15 +146,15 @@ def test_mbr_decode_returns_a_candidate_and_generate_routes_to_it():
 
 
 def test_mbr_prefers_the_consensus_over_the_mode():
-    # The mode is the short report A <eos> (0.4); the other reports all share the prefix "B C" and then
-    # differ in their last word: the samples agree on B C ..., so MBR returns one of those, not A.
-    probs = table(9, {BOS: {A: 0.4, B: 0.6}, A: {EOS: 1.0}, B: {C: 1.0},
-                      C: {6: 0.34, 7: 0.33, 8: 0.33}, 6: {EOS: 1.0}, 7: {EOS: 1.0}, 8: {EOS: 1.0}})
+    # The mode is the short report A <eos> (0.3); the other reports all share the prefix "B C D" and then
+    # differ in their last word (0.23 each): the samples agree on B C D ..., so MBR returns one of those, not A.
+    probs = table(10, {BOS: {A: 0.3, B: 0.7}, A: {EOS: 1.0}, B: {C: 1.0}, C: {6: 1.0},
+                       6: {7: 0.34, 8: 0.33, 9: 0.33}, 7: {EOS: 1.0}, 8: {EOS: 1.0}, 9: {EOS: 1.0}})
     model = MarkovModel(probs)
     items = torch.zeros(1, dtype=torch.long)
-    assert beam_search(model, items, beam_size=3, max_len=6, **IDS)[0].tolist()[:2] == [A, EOS]
-    out = mbr_decode(model, items, beam_size=3, num_samples=32, max_len=6, seed=0, **IDS)[0].tolist()
-    assert out[:2] == [B, C]
+    assert beam_search(model, items, beam_size=3, max_len=7, **IDS)[0].tolist()[:2] == [A, EOS]
+    out = mbr_decode(model, items, beam_size=3, num_samples=64, max_len=7, seed=0, **IDS)[0].tolist()
+    assert out[:3] == [B, C, 6]
 
 
 def test_findings_filter_keeps_only_candidates_stating_the_beams_findings():

@@ -21,7 +21,11 @@ of them, and BLEU rewards the report that is *central* among the plausible ones 
    (``select(..., two_sided=False)`` restores plain sentence BLEU-4.)
 
 Nothing outside the study's own inputs enters: no reference text, no other study. Sampling uses a
-``torch.Generator`` seeded with ``seed``, so a decode is repeatable for the same inputs, batch and device.
+``torch.Generator`` seeded with ``seed``, and every study of a batch draws with the *same* random numbers
+(Gumbel-max sampling, one noise draw per step shared across the batch): a study's samples depend on its own
+inputs, the seed and the device, not on which other studies share its batch, so ``ifnet generate`` on one
+study and ``ifnet evaluate`` on a split word a report alike (up to floating-point differences of batched
+arithmetic).
 
 Token conventions are those of :mod:`ifnet.decoding.search` (no bos; eos kept; pad after it).
 """
@@ -57,7 +61,9 @@ def sample(model: "StepModel", batch_inputs: Any, *, num_samples: int, max_len: 
     """``num_samples`` ancestral samples per batch item -> tokens ``[B, num_samples, L]``.
 
     Each step samples from ``softmax(log_softmax(logits) / temperature)`` after the same trigram rule as
-    beam search; rows that have ended get ``pad_id``."""
+    beam search, by the Gumbel-max trick: the arg-max of ``logp / temperature + G`` with standard Gumbel noise
+    ``G [num_samples, V]`` drawn once per step and shared by every batch item (module docstring); rows that
+    have ended get ``pad_id``."""
     from ifnet.decoding.search import _batch_size_and_device, _check_args, run_steps
 
     _check_args(max_len, trigram_penalty)
@@ -70,15 +76,16 @@ def sample(model: "StepModel", batch_inputs: Any, *, num_samples: int, max_len: 
     state = state.index_select(torch.arange(batch, device=device).repeat_interleave(num_samples))
     generator = torch.Generator(device=device)
     generator.manual_seed(int(seed))
+    tiny = torch.finfo(torch.float32).tiny
 
     def draw(logits: Tensor, _: Tensor) -> Tensor:
-        logp = logits if block_trigrams else F.log_softmax(logits.float(), dim=-1)
-        probs = torch.softmax(logp / temperature, dim=-1)
-        dead = ~torch.isfinite(probs).all(dim=-1) | (probs.sum(dim=-1) <= 0)
-        if bool(dead.any()):  # every token forbidden (cannot happen with eos allowed): end the report
-            probs[dead] = 0.0
-            probs[dead, eos_id] = 1.0
-        return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        logp = logits.float() if block_trigrams else F.log_softmax(logits.float(), dim=-1)
+        uniform = torch.rand((num_samples, logp.shape[-1]), generator=generator, device=device)
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(tiny)))  # the same noise for every batch item
+        scores = logp / temperature + gumbel.repeat(batch, 1)
+        tokens = scores.argmax(dim=-1)
+        dead = ~torch.isfinite(logp).any(dim=-1)  # every token forbidden (cannot happen with eos allowed)
+        return tokens.masked_fill(dead, eos_id)
 
     out = run_steps(model, state, batch * num_samples, device, draw, bos_id=bos_id, eos_id=eos_id,
                     max_len=max_len, pad_id=pad_id, block_trigrams=block_trigrams, trigram_penalty=trigram_penalty)

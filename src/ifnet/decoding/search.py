@@ -58,7 +58,7 @@ class DecodingConfig:
     # join the candidates
     mbr_samples: int = 0
     mbr_temperature: float = 0.7  # sampling temperature of the guided candidates
-    mbr_seed: int = 0  # seed of the sampling (a decode is repeatable for the same inputs and batch)
+    mbr_seed: int = 0  # seed of the sampling (a study is worded alike in any batch: ifnet.decoding.mbr)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1:
