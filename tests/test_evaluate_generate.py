@@ -158,3 +158,7 @@ def test_findings_preserving_mbr_says_what_the_beam_says(tiny_checkpoint, tmp_pa
     assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "neg"), "--no-meteor",
                      "--mbr-samples", "-1"]) == 1
     assert "--mbr-samples must be >= 0" in capsys.readouterr().err and not (tmp_path / "neg").exists()
+    # and a negative guidance weight: the same one-line error as generate's, before anything is written
+    assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "neg"), "--no-meteor",
+                     "--guidance", "-1"]) == 1
+    assert "--guidance must be a finite number >= 0" in capsys.readouterr().err and not (tmp_path / "neg").exists()

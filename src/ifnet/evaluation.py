@@ -67,12 +67,10 @@ def findings_reader(tokenizer: Tokenizer, cleaner: Optional[str]) -> Any:
     """Token lists -> their 0/1 findings ``[n, 14]``: the decoded text, prepared as the metrics prepare it,
     labelled by the project's labeler (uncertain counted as positive). What findings-preserving MBR keeps."""
     from ifnet.labels import to_binary
-    from ifnet.metrics.scoring import get_text_cleaner, label_texts
-
-    prepare = get_text_cleaner(cleaner)
+    from ifnet.metrics.consistency import label_generated
 
     def read(sequences: list[list[int]]) -> np.ndarray:
-        return to_binary(label_texts([prepare(tokenizer.decode(seq)) for seq in sequences]))
+        return to_binary(label_generated([tokenizer.decode(seq) for seq in sequences], cleaner=cleaner))
 
     return read
 
@@ -143,7 +141,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     from ifnet.data.dataset import ReportDataset
     from ifnet.data.images import read_xray, to_uint8
     from ifnet.iec.clahe import build_enhancer
-    from ifnet.inference import mbr_sample_count
+    from ifnet.inference import guidance_weight, mbr_sample_count
     from ifnet.io_utils import atomic_write_json
     from ifnet.metrics.consistency import check_reports, consistency_note
     from ifnet.metrics.scoring import score_reports
@@ -159,7 +157,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
     beam = beam_size or int(train_eval.get("beam_size", 3))
     length = max_len or int(train_eval.get("max_len", 60))
-    guide = float(train_eval.get("guidance", 0.0)) if guidance is None else guidance
+    guide = guidance_weight(guidance, train_eval.get("guidance", 0.0))
     mbr = mbr_sample_count(mbr_samples, train_eval.get("mbr_samples", 0))
     ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=(split,), max_views=d.max_views)
     studies = ann.split(split)[: limit or None]
