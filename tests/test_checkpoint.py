@@ -278,3 +278,22 @@ def test_generated_reports_survive_the_round_trip(tmp_path, tokenizer):
     assert torch.equal(a, loaded.generate(images, view_mask, beam_size=2, max_len=6))
     assert not (a == BOS_ID).any()
     assert not (a == PAD_ID)[(a == EOS_ID).cumsum(1) == 0].any()  # pad only after eos
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_checkpoints_and_results_get_the_users_umask_modes_not_private_ones(tmp_path, tokenizer, umask):
+    """mkstemp/mkdtemp temporaries are 0600/0700; what is moved into place from them must not stay private."""
+    from ifnet.io_utils import atomic_write_json, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        model = tiny(tokenizer)
+        path = save_checkpoint(tmp_path / "ckpt", model, model.config, tokenizer)
+        atomic_write_json(tmp_path / "metrics.json", {"BLEU_4": 0.1})
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o777 & ~umask
+    for p in path.iterdir():
+        assert p.stat().st_mode & 0o777 == 0o666 & ~umask, p.name
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask

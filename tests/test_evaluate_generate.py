@@ -162,3 +162,26 @@ def test_findings_preserving_mbr_says_what_the_beam_says(tiny_checkpoint, tmp_pa
     assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(tmp_path / "neg"), "--no-meteor",
                      "--guidance", "-1"]) == 1
     assert "--guidance must be a finite number >= 0" in capsys.readouterr().err and not (tmp_path / "neg").exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--beam-size", "0", "--beam-size must be >= 1, got 0"),
+    ("--beam-size", "-1", "--beam-size must be >= 1, got -1"),
+    ("--max-len", "0", "--max-len must be >= 1, got 0"),
+    ("--limit", "0", "--limit must be >= 1, got 0"),
+    ("--device", "foo", "device 'foo' is not a torch device"),
+])
+def test_bad_decoding_options_are_one_line_errors_and_zero_is_not_the_default(tiny_checkpoint, tmp_path, capsys,
+                                                                              option, value, message):
+    """0 used to mean "the checkpoint's value" (``x or default``) and -1 was a traceback from beam search."""
+    out = tmp_path / "eval"
+    assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-meteor",
+                     option, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists(), err
+    if option == "--limit":
+        return
+    image = _data_of(tiny_checkpoint) / "images" / "PHTE0000" / "0.png"
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(image), option, value]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err

@@ -174,6 +174,50 @@ def test_cli_refuses_to_clobber_a_run(tiny_data, tmp_path, capsys):
     assert cli_main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
 
 
+def test_cli_resume_takes_the_runs_config_and_refuses_another_model(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli_main(tiny_argv(tiny_data, out, "optim.epochs=1")) == 0
+    config_before = (out / "config.json").read_bytes()
+    files_before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    # Another model size: refused in one line before anything in the run is touched.
+    code = cli_main(["train", "--out", str(out), "--resume", "--set", "model.transformer.d_model=64"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "model.transformer.d_model is 32 in the run, 64 here" in err[0] and "config.json" in err[0]
+    assert (out / "config.json").read_bytes() == config_before
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files_before
+    # No --config, no other --set: the run's own config.json, with more epochs.
+    assert cli_main(["train", "--out", str(out), "--resume", "--set", "optim.epochs=2"]) == 0
+    assert (out / "metrics.csv").read_text().count("\n") == 3
+    assert json.loads((out / "config.json").read_text())["optim"]["epochs"] == 2
+    prov = json.loads((out / "provenance.json").read_text())
+    assert prov["seed"] == 9223 and len(prov["resumed"]) == 1 and prov["resumed"][0]["seed"] == 9223
+
+
+def test_cli_failed_fresh_run_leaves_nothing_behind(tiny_data, tmp_path, capsys):
+    data = tmp_path / "data"
+    shutil.copytree(Path(tiny_data["root"]), data)
+    ann = json.loads((data / "annotation.json").read_text())
+    image = data / "images" / ann["train"][0]["image_path"][0]
+    good = image.read_bytes()
+    image.write_bytes(good[:120])  # a PNG header, then truncated: found only when the first epoch reads it
+    sets = {"annotation": data / "annotation.json", "image_root": data / "images"}
+    for out, existed in ((tmp_path / "new", False), (tmp_path / "empty", True)):
+        if existed:
+            out.mkdir()
+        assert cli_main(tiny_argv(sets, out, "optim.epochs=1")) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and image.name in err[0] and "Traceback" not in err[0], err
+        assert out.exists() == existed and (not existed or not any(out.iterdir()))
+    image.write_bytes(good)  # fixed: the same command now simply runs
+    assert cli_main(tiny_argv(sets, tmp_path / "new", "optim.epochs=1")) == 0
+    assert (tmp_path / "new" / "last" / "model.safetensors").is_file()
+    # --out naming a file is a usage error, and the file is left alone
+    assert cli_main(tiny_argv(sets, data / "annotation.json", "optim.epochs=1")) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err
+    assert json.loads((data / "annotation.json").read_text()) == ann
+
+
 def test_misspelled_config_key_is_an_error(tiny_data, tmp_path, capsys):
     assert cli_main(["train", "--out", str(tmp_path / "r"), "--set", "optim.epoch=3"]) == 1
     assert "unknown key(s) optim.epoch" in capsys.readouterr().err

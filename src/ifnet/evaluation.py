@@ -141,7 +141,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     from ifnet.data.dataset import ReportDataset
     from ifnet.data.images import read_xray, to_uint8
     from ifnet.iec.clahe import build_enhancer
-    from ifnet.inference import guidance_weight, mbr_sample_count
+    from ifnet.inference import guidance_weight, mbr_sample_count, positive_count
     from ifnet.io_utils import atomic_write_json
     from ifnet.metrics.consistency import check_reports, consistency_note
     from ifnet.metrics.scoring import score_reports
@@ -155,12 +155,14 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     d = _training_data_config(meta, checkpoint)
     d = replace(d, annotation=str(annotation or d.annotation), image_root=str(image_root or d.image_root))
     train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
-    beam = beam_size or int(train_eval.get("beam_size", 3))
-    length = max_len or int(train_eval.get("max_len", 60))
+    beam = positive_count("--beam-size", beam_size, int(train_eval.get("beam_size", 3)))
+    length = positive_count("--max-len", max_len, int(train_eval.get("max_len", 60)))
     guide = guidance_weight(guidance, train_eval.get("guidance", 0.0))
     mbr = mbr_sample_count(mbr_samples, train_eval.get("mbr_samples", 0))
     ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=(split,), max_views=d.max_views)
-    studies = ann.split(split)[: limit or None]
+    studies = ann.split(split)
+    if limit is not None:
+        studies = studies[: positive_count("--limit", limit, 0)]
     if not studies:
         raise IFNetError(f"{d.annotation}: split {split!r} is empty")
     ds = ReportDataset(studies, d.image_root, tokenizer, image_config(d), d.max_tokens, None, train=False)

@@ -72,6 +72,15 @@ def mbr_sample_count(value: Optional[int], default: int) -> int:
     return count
 
 
+def positive_count(flag: str, value: Optional[int], default: int) -> int:
+    """A decoding count that must be >= 1 (``--beam-size``, ``--max-len``, ``--limit``): ``value`` if given,
+    else ``default``. 0 is refused, not read as "the default"."""
+    count = int(default if value is None else value)
+    if count < 1:
+        raise IFNetError(f"{flag} must be >= 1, got {count}")
+    return count
+
+
 class _StudyPipeline:
     """The per-study pipeline shared by :class:`Predictor` (PyTorch) and
     :class:`ifnet.export.runtime.OnnxPredictor` (ONNX Runtime): enhance -> preprocess -> backbone ->
@@ -171,8 +180,8 @@ class Predictor(_StudyPipeline):
         self.cleaner = self.data_config.cleaner
         self.transform = ImageTransform(image_config(self.data_config), train=False)
         train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
-        self.beam_size = beam_size or int(train_eval.get("beam_size", 3))
-        self.max_len = max_len or int(train_eval.get("max_len", 60))
+        self.beam_size = positive_count("--beam-size", beam_size, int(train_eval.get("beam_size", 3)))
+        self.max_len = positive_count("--max-len", max_len, int(train_eval.get("max_len", 60)))
         self.guidance = guidance_weight(guidance, train_eval.get("guidance", 0.0))
         self.mbr_samples = mbr_sample_count(mbr_samples, train_eval.get("mbr_samples", 0))
         self.checkpoint = str(checkpoint)

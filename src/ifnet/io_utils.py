@@ -49,6 +49,34 @@ def check_writable_target(path: PathLike, overwrite: bool) -> Path:
     return p
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux reports it (``/proc/self/status``); elsewhere
+    by setting and restoring it (briefly visible to other threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_like_user_files(path: PathLike) -> None:
+    """Give ``path`` (and, for a folder, the files and folders directly in it) the modes a plain ``open`` or
+    ``mkdir`` would have given: ``mkstemp``/``mkdtemp`` make private 0600/0700 temporaries, and results,
+    checkpoints and exports moved into place from them must be readable by whoever the user's umask allows."""
+    mask = current_umask()
+    p = Path(path)
+    p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+    if p.is_dir():
+        for child in p.iterdir():
+            if not child.is_symlink():
+                child.chmod((0o777 if child.is_dir() else 0o666) & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_write(path: PathLike, mode: str = "w", *, encoding: str | None = "utf-8") -> Iterator[IO[Any]]:
     """Open a temporary sibling of ``path`` for writing; move it into place on success.
@@ -65,6 +93,7 @@ def atomic_write(path: PathLike, mode: str = "w", *, encoding: str | None = "utf
         raise WriteError(target, e) from None
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's file is private (0600); the result is not
         with os.fdopen(fd, mode, encoding=encoding if "b" not in mode else None) as fh:
             yield fh
             fh.flush()

@@ -3,40 +3,106 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shutil
 from pathlib import Path
+from typing import Any
 
 from ifnet.cli import add_config_arguments
 from ifnet.errors import IFNetError, UsageError
 
 HELP = "train IFNet from a YAML config"
 
+#: settings a resumed run may change: where it runs, where its data now lies, how long it trains. Any other
+#: difference from the run's config.json is refused (the checkpoint was trained with that config).
+RESUME_MAY_CHANGE = ("device", "data.annotation", "data.image_root", "data.num_workers", "optim.epochs",
+                     "eval.patience", "eval.meteor")
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser, "YAML config (e.g. configs/iu_xray.yaml); defaults apply without one")
+    add_config_arguments(parser, "YAML config (e.g. configs/iu_xray.yaml); defaults apply without one. With "
+                                 "--resume and no --config: the run's own config.json")
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, resolved config)")
-    parser.add_argument("--resume", action="store_true", help="continue the run in --out from its `last` checkpoint")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run in --out from its `last` checkpoint, with the run's config.json "
+                             "(--set may change only " + ", ".join(RESUME_MAY_CHANGE) + ")")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if --out already holds a run")
 
 
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flat(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return out
+
+
+def resume_conflict(saved: dict, given: dict) -> str | None:
+    """The first setting, outside :data:`RESUME_MAY_CHANGE`, where ``given`` (the resolved config of this
+    command) differs from ``saved`` (the run's config.json, resolved), as "key is A in the run, B here"; else
+    None."""
+    old, new = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(given)))
+    for key in sorted(set(old) | set(new)):
+        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key):
+            return f"{key} is {old.get(key)!r} in the run, {new.get(key)!r} here"
+    return None
+
+
+def _remove_new_run(out: Path, existed: bool) -> None:
+    """Undo a run that failed before its first checkpoint: the folder it made, or what it wrote into the
+    empty folder it was given, so that the same command can simply be run again."""
+    if not existed:
+        shutil.rmtree(out, ignore_errors=True)
+        return
+    for child in out.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+
+
 def run(args: argparse.Namespace) -> int:
-    from ifnet.config import resolve
+    from ifnet.config import resolve, to_dict
     from ifnet.models.checkpoint import interrupted_save
     from ifnet.train import distributed
     from ifnet.train.config import TrainConfig
     from ifnet.train.trainer import LAST, Trainer
 
-    cfg = resolve(TrainConfig, args.config, args.overrides)
     out: Path = args.out
-    has_run = (out / LAST).exists() or (out / "config.json").exists()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: exists and is not a folder")
+    saved = out / "config.json"
+    has_run = (out / LAST).exists() or saved.exists()
     if args.resume and not (out / LAST).exists() and not interrupted_save(out / LAST):
         raise UsageError(f"--resume: {out / LAST} not found (nothing to resume)")
     if has_run and not args.resume and not args.overwrite:
         raise IFNetError(f"{out}: already holds a run; use --resume to continue it or --overwrite to start afresh")
-    trainer = Trainer(cfg, out, resume=args.resume)
+    if args.resume and args.config is None and saved.exists():
+        cfg = resolve(TrainConfig, saved, args.overrides)  # JSON is YAML: the run's own config, then --set
+    else:
+        cfg = resolve(TrainConfig, args.config, args.overrides)
+    if args.resume and saved.exists():
+        conflict = resume_conflict(to_dict(resolve(TrainConfig, saved)), to_dict(cfg))
+        if conflict:
+            raise UsageError(f"--resume: {saved}: {conflict}; the checkpoint was trained with the run's config "
+                             f"(leave out --config to use it; --set may change only {', '.join(RESUME_MAY_CHANGE)})")
+    # A fresh run into a new or empty folder that fails before its first checkpoint leaves nothing behind.
+    existed = out.exists()
+    fresh = not args.resume and (not existed or not any(out.iterdir()))
+    trainer = None
     try:
+        trainer = Trainer(cfg, out, resume=args.resume)
         result = trainer.fit()
+    except BaseException:
+        main_rank = trainer.is_main if trainer is not None else os.environ.get("RANK", "0") == "0"
+        if fresh and main_rank and out.exists() and not (out / LAST).exists() and not interrupted_save(out / LAST):
+            _remove_new_run(out, existed)
+        raise
     finally:
-        distributed.cleanup(trainer.dist)
+        if trainer is not None:
+            distributed.cleanup(trainer.dist)
     if trainer.is_main:
         print(f"best epoch {result.best_epoch}: val {cfg.eval.monitor} {result.best_score:.4f}; "
               f"checkpoints in {out / 'best'} and {out / LAST}")

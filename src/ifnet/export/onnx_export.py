@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import shutil
 import tempfile
 import warnings
@@ -35,7 +34,7 @@ import torch
 
 from ifnet.data.tokenizer import BOS_ID
 from ifnet.errors import IFNetError
-from ifnet.io_utils import OutputExistsError, PathLike, atomic_write_json, read_json
+from ifnet.io_utils import OutputExistsError, PathLike, atomic_write_json, read_json, share_like_user_files
 from ifnet.export.graphs import BackboneGraph, DecoderStepGraph, EncoderGraph, state_names
 from ifnet.models.checkpoint import replace_dir
 
@@ -138,7 +137,7 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, *, int8: bool = False
         manifest["files"] = {p.name: {"sha256": file_sha256(p), "bytes": p.stat().st_size}
                              for p in sorted(tmp.iterdir())}
         atomic_write_json(tmp / MANIFEST_FILE, manifest)
-        _umask_permissions(tmp)
+        share_like_user_files(tmp)
         replace_dir(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -283,16 +282,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
         manifest = None
     if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
         raise OutputExistsError(f"{target}: exists and is not an ifnet ONNX export; refusing to replace it")
-
-
-def _umask_permissions(folder: Path) -> None:
-    """Temporary files and folders are private (0600/0700); a deployed model should be readable by the
-    service account as any other file the user writes, so apply the usual umask-derived modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for p in folder.iterdir():
-        p.chmod(0o666 & ~umask)
 
 
 def file_sha256(path: Path) -> str:

@@ -24,7 +24,7 @@ from torch import Tensor
 from ifnet.errors import IFNetError
 from ifnet.export.onnx_export import (EXPORT_FORMAT, EXPORT_VERSION, GRAPHS, LABEL_HEAD_FILE, MANIFEST_FILE,
                                       VOCAB_FILE, ExportError, file_sha256)
-from ifnet.inference import Prediction, _StudyPipeline, guidance_weight
+from ifnet.inference import Prediction, _StudyPipeline, guidance_weight, positive_count
 from ifnet.io_utils import PathLike, read_json
 from ifnet.labels import NUM_OBSERVATIONS
 
@@ -205,8 +205,8 @@ class OnnxModel:
         from ifnet.decoding.search import DecodingConfig
         from ifnet.decoding.search import generate as search
 
-        beam_size = beam_size or self.decoding["beam_size"]
-        max_len = max_len or self.decoding["max_len"]
+        beam_size = positive_count("beam_size", beam_size, self.decoding["beam_size"])
+        max_len = positive_count("max_len", max_len, self.decoding["max_len"])
         if max_len > self.max_positions:
             raise IFNetError(f"max_len={max_len} exceeds the model's max_positions={self.max_positions}")
         decoding_options.setdefault("guidance", float(self.decoding.get("guidance", 0.0)))
@@ -289,8 +289,8 @@ class OnnxPredictor(_StudyPipeline):
         self.tokenizer = self.model.tokenizer
         self.transform = ImageTransform(self.model.image_config, train=False)
         self.cleaner = (self.model.manifest.get("data_config") or {}).get("cleaner", "iu_xray")
-        self.beam_size = beam_size or self.model.decoding["beam_size"]
-        self.max_len = max_len or self.model.decoding["max_len"]
+        self.beam_size = positive_count("--beam-size", beam_size, self.model.decoding["beam_size"])
+        self.max_len = positive_count("--max-len", max_len, self.model.decoding["max_len"])
         self.guidance = guidance_weight(guidance, self.model.decoding.get("guidance", 0.0))
         self.checkpoint = str(folder)
 

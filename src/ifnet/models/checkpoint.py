@@ -36,7 +36,7 @@ from torch import Tensor
 
 from ifnet.data.tokenizer import Tokenizer
 from ifnet.errors import DataError, IFNetError
-from ifnet.io_utils import PathLike, read_json
+from ifnet.io_utils import PathLike, read_json, share_like_user_files
 from ifnet.models.ifnet import IFNet, IFNetConfig
 
 __all__ = [
@@ -108,6 +108,7 @@ def save_checkpoint(path: PathLike, model: IFNet, config: IFNetConfig, tokenizer
         meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "files": files,
                 "libraries": _library_versions(), "metadata": user_meta}
         (tmp / META_FILE).write_text(_json_text(meta), encoding="utf-8")
+        share_like_user_files(tmp)
         for p in tmp.iterdir():
             _fsync(p)
         _fsync(tmp)

@@ -139,6 +139,16 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except (RuntimeError, ValueError):
+                raise SettingError("device", f"must be auto or a torch device (cpu, cuda, cuda:1, mps ...), "
+                                             f"got {self.device!r}") from None
+
 
 def _at_least(cfg: object, names: tuple[str, ...], low: int) -> None:
     for name in names:

@@ -23,7 +23,7 @@ from ifnet.config import to_dict
 from ifnet.data.annotation import Study, load_annotation, load_label_file
 from ifnet.data.tokenizer import Tokenizer
 from ifnet.errors import IFNetError
-from ifnet.io_utils import atomic_write_json
+from ifnet.io_utils import atomic_write_json, read_json
 from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS, to_binary
 from ifnet.models.checkpoint import load_checkpoint, load_training_state, recover_checkpoint, save_checkpoint
 from ifnet.models.ifnet import IFNet, compute_losses
@@ -53,7 +53,10 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(name)
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise IFNetError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, mps ...)") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise IFNetError(f"device {name!r} requested but CUDA is not available")
     return dev
@@ -262,16 +265,22 @@ class Trainer:
     def fit(self) -> TrainResult:
         cfg = self.cfg
         self.provenance = run_provenance(cfg.seed)
+        # A resume reads its checkpoint before anything in the run folder is written: one that cannot be
+        # resumed (another model size, vocabulary or EMA setting) leaves the run as it was.
+        state = self._restore() if self.resume else None
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             self.tokenizer.save(self.out / "vocab.json")
             atomic_write_json(self.out / "config.json", to_dict(cfg))
-            atomic_write_json(self.out / "provenance.json", self.provenance)
+            provenance = self.provenance
+            if self.resume and (self.out / "provenance.json").exists():  # the run's start stays; resumes are added
+                first = read_json(self.out / "provenance.json")
+                provenance = {**first, "resumed": list(first.get("resumed", [])) + [self.provenance]}
+            atomic_write_json(self.out / "provenance.json", provenance)
         log = MetricsLog(self.out / "metrics.csv", self.out / "tensorboard" if self.is_main else None) \
             if self.is_main else None
         start_epoch, step, best, best_epoch, bad_epochs = 1, 0, -math.inf, 0, 0
-        if self.resume:
-            state = self._restore()
+        if state is not None:
             start_epoch = int(state["epoch"]) + 1
             step, best = int(state["step"]), float(state["best_score"])
             best_epoch, bad_epochs = int(state["best_epoch"]), int(state["epochs_without_improvement"])
