@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import numpy as np
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,15 @@ def test_generate_text_json_heatmap_and_supplied_findings(tiny_checkpoint, tmp_p
     held = {k for k, v in doc["condition"].items() if v >= 0.5} - {"No Finding"}
     assert set(doc["consistency"]["unsaid"]) == held - set(doc["consistency"]["said"])
     assert heat.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the map is of the most probable finding other than No Finding, and the image carries a caption band
+    from PIL import Image
+
+    findings = {k: v for k, v in doc["findings"].items() if k != "No Finding"}
+    assert doc["heatmap_label"] == max(findings, key=findings.get)
+    with Image.open(heat) as im, Image.open(images / "0.png") as xray:
+        assert im.width == xray.width and im.height > xray.height
+        band = np.asarray(im.convert("L"))[xray.height:]
+        assert band.max() > 200 and np.median(band) == 0  # light text on black
     # a radiologist's findings replace the predicted condition
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), "--json",
                      "--findings", "cardiomegaly, Pleural Effusion"]) == 0

@@ -228,13 +228,15 @@ def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optiona
                      mbr_samples=mbr_samples)
 
 
-def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45) -> bytes:
-    """PNG bytes of ``heat`` (0..1, [H, W]) as a colour map over the grayscale ``image``."""
+def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45,
+                        caption: Optional[str] = None) -> bytes:
+    """PNG bytes of ``heat`` (0..1, [H, W]) as a colour map over the grayscale ``image``; ``caption`` (e.g.
+    which finding the map is of) is written on a dark band under the image, so the file says what it shows."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import colormaps
-    from PIL import Image
+    from PIL import Image, ImageDraw, ImageFont
 
     from ifnet.data.images import to_uint8
 
@@ -242,7 +244,16 @@ def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0
     rgb = np.repeat(gray[..., None], 3, axis=2)
     colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
     weight = alpha * np.clip(heat, 0, 1)[..., None]
-    out = (rgb * (1 - weight) + colours * weight)
+    out = Image.fromarray(((rgb * (1 - weight) + colours * weight) * 255).round().astype(np.uint8))
+    if caption:
+        size = max(10, out.width // 40)
+        font = ImageFont.load_default(size=size)
+        band = int(size * 1.8)
+        framed = Image.new("RGB", (out.width, out.height + band), (0, 0, 0))
+        framed.paste(out, (0, 0))
+        ImageDraw.Draw(framed).text((size // 2, out.height + (band - size) // 2), caption, fill=(255, 255, 255),
+                                    font=font)
+        out = framed
     buf = io.BytesIO()
-    Image.fromarray((out * 255).round().astype(np.uint8)).save(buf, format="PNG")
+    out.save(buf, format="PNG")
     return buf.getvalue()

@@ -21,7 +21,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="condition the memory on these findings (comma-separated observation names) instead "
                              "of the model's predictions: the radiologist-supplies-findings workflow")
     parser.add_argument("--heatmap", type=Path, metavar="OUT.png",
-                        help="write the most probable finding's activation map over the frontal image")
+                        help="write the class activation map of the most probable finding (No Finding excluded: it has "
+                             "no place to point at) over the frontal image, captioned with the finding")
     parser.add_argument("--beam-size", type=int, help="beam width (default: the training config's)")
     parser.add_argument("--max-len", type=int, help="maximum report length in tokens")
     parser.add_argument("--guidance", type=float, help="condition guidance weight (default: the checkpoint's "
@@ -47,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
                                guidance=args.guidance, mbr_samples=args.mbr_samples)
     pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
     if args.heatmap is not None and pred.heatmap is not None:
-        atomic_write_bytes(args.heatmap, heatmap_overlay_png(views[0], pred.heatmap))
+        prob = pred.findings.get(pred.heatmap_label)
+        caption = f"class activation map: {pred.heatmap_label}" + (f" (p = {prob:.2f})" if prob is not None else "")
+        atomic_write_bytes(args.heatmap, heatmap_overlay_png(views[0], pred.heatmap, caption=caption))
     if args.json:
         doc = pred.to_json()
         doc["images"] = [str(p) for p in args.images]
