@@ -131,9 +131,14 @@ def test_a_newer_format_version_is_refused(tmp_path, tokenizer):
         read_meta(path)
 
 
-def test_missing_checkpoint_is_a_clear_error(tmp_path):
+def test_missing_checkpoint_is_a_clear_error(tmp_path, tokenizer):
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_checkpoint(tmp_path / "nope")
+    # a training run's folder given where its checkpoint is meant: the error names the checkpoints in it
+    model = tiny(tokenizer)
+    save_checkpoint(tmp_path / "run" / "best", model, model.config, tokenizer)
+    with pytest.raises(CheckpointError, match="is a training run folder: its checkpoints are .*best and .*last"):
+        load_checkpoint(tmp_path / "run")
 
 
 class _Payload:

@@ -107,6 +107,7 @@ def test_text_table_and_explain(capsys):
     (["label", "--text", "x", "--binary"], "--out and --binary go with --annotation"),
     (["label", "--text", "x", "--labeler", "chexbert"], "needs --chexbert-ckpt FILE and --bert-dir DIR"),
     (["label", "--text", "x", "--bert-dir", "b"], "only with --labeler chexbert"),
+    (["label", "--text", "  "], "--text: the report is empty"),
 ])
 def test_usage_errors_exit_2(capsys, argv, message):
     assert main(argv) == 2

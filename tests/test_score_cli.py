@@ -152,3 +152,24 @@ def test_table_format():
     assert lines[1].split() == ["BLEU_4", "0.1235"]
     assert lines[2].endswith("0.5000   14 observations, uncertain -> positive")
     assert lines[3].endswith("0.2500   5 observations, uncertain -> positive")
+
+
+def test_rescores_the_predictions_file_of_evaluate(tmp_path, capsys):
+    hyps = {k: v if isinstance(v, str) else v[0] for k, v in HYPS.items()}
+    rows = [{"id": k, "generated": hyps[k], "reference": REFS[k], "predicted_findings": {}} for k in REFS]
+    preds = write(tmp_path / "predictions.json", rows)
+    out = tmp_path / "m.json"
+    assert main(["score", "--predictions", str(preds), "--out", str(out), "--no-meteor"]) == 0
+    written = json.loads(out.read_text(encoding="utf-8"))
+    expected = compute_scores(REFS, hyps, metrics=["BLEU", "ROUGE_L", "CIDEr", "CE"])
+    assert {k: written[k] for k in expected} == expected and written["num_studies"] == 3
+    capsys.readouterr()
+    # a record without its reference names file and study; mixing the two input styles is a usage error
+    del rows[1]["reference"]
+    write(preds, rows)
+    assert main(["score", "--predictions", str(preds), "--no-meteor"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "predictions.json" in err and "s2" in err and "'reference'" in err and "\n" not in err
+    assert main(["score", "--predictions", str(preds), "--refs", str(preds)]) == 2
+    assert "give --refs and --hyps, or --predictions" in capsys.readouterr().err
+    assert main(["score", "--refs", str(preds)]) == 2

@@ -48,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def _check_usage(args: argparse.Namespace) -> None:
     if args.annotation is not None and args.out is None:
         raise UsageError("--annotation needs --out FILE")
+    if args.text is not None and not args.text.strip():
+        raise UsageError("--text: the report is empty")
     if args.text is not None and (args.out is not None or args.binary):
         raise UsageError("--text prints a table; --out and --binary go with --annotation")
     if args.explain and (args.text is None or args.labeler != "rules"):

@@ -1,7 +1,8 @@
 """``ifnet score``: NLG metrics and clinical efficacy of generated vs reference reports.
 
 Both inputs are JSON objects ``{study_id: "report"}`` or ``{study_id: ["report", ...]}`` (a
-hypothesis list must hold exactly one report). Prints a table; ``--out`` writes the scores as JSON,
+hypothesis list must hold exactly one report); or ``--predictions`` gives the ``predictions.json`` that
+``ifnet evaluate`` writes (a list of ``{"id", "generated", "reference", ...}``), to rescore it. Prints a table; ``--out`` writes the scores as JSON,
 ``--per-study`` writes one row per study as JSON or CSV (chosen by the file's extension).
 """
 
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
-from ifnet.errors import DataError, IFNetError
+from ifnet.errors import DataError, IFNetError, UsageError
 from ifnet.io_utils import atomic_write, atomic_write_json, check_writable_target, read_json
 from ifnet.labels import OBSERVATIONS
 
@@ -26,10 +27,13 @@ _PER_STUDY_FORMATS = (".json", ".csv")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--refs", required=True, type=Path, metavar="REFS.json",
+    parser.add_argument("--refs", type=Path, metavar="REFS.json",
                         help="reference reports: {study_id: text} or {study_id: [text, ...]}")
-    parser.add_argument("--hyps", required=True, type=Path, metavar="HYPS.json",
+    parser.add_argument("--hyps", type=Path, metavar="HYPS.json",
                         help="generated reports with the same study ids: {study_id: text} or {study_id: [text]}")
+    parser.add_argument("--predictions", type=Path, metavar="PREDICTIONS.json",
+                        help="instead of --refs and --hyps: the predictions.json of `ifnet evaluate` "
+                             "(its 'generated' and 'reference' of each 'id')")
     parser.add_argument("--out", type=Path, metavar="FILE.json",
                         help="write the scores to this JSON file")
     parser.add_argument("--per-study", type=Path, metavar="FILE",
@@ -83,6 +87,32 @@ def _read_reports(path: Path, *, hypotheses: bool) -> dict[str, Union[str, list[
     return data
 
 
+def _read_predictions(path: Path) -> tuple[dict[str, str], dict[str, str]]:
+    """(references, hypotheses) from `ifnet evaluate`'s predictions.json; problems name the file and record."""
+    data = read_json(path)
+    if not isinstance(data, list):
+        raise DataError(path, f"expected the JSON array `ifnet evaluate` writes, got JSON {_json_type(data)}")
+    if not data:
+        raise DataError(path, "no studies in file")
+    refs: dict[str, str] = {}
+    hyps: dict[str, str] = {}
+    for i, row in enumerate(data):
+        where = f"record {i}"
+        if not isinstance(row, dict):
+            raise DataError(path, f"expected an object, got JSON {_json_type(row)}", record=where)
+        study = row.get("id")
+        if not isinstance(study, str) or not study:
+            raise DataError(path, "field 'id' must be a non-empty string", record=where)
+        for field, target in (("reference", refs), ("generated", hyps)):
+            if not isinstance(row.get(field), str):
+                raise DataError(path, f"field {field!r} must be a report string, got JSON {_json_type(row.get(field))}",
+                                record=study)
+            if study in target:
+                raise DataError(path, "the same study id twice", record=study)
+            target[study] = row[field]
+    return refs, hyps
+
+
 def _per_study_target(path: Path) -> str:
     suffix = path.suffix.lower()
     if suffix not in _PER_STUDY_FORMATS:
@@ -127,6 +157,10 @@ def format_table(scores: Mapping[str, Any]) -> str:
 def run(args: argparse.Namespace) -> int:
     from ifnet.metrics import describe_id_mismatch, score_reports  # heavy: pycocoevalcap, numpy
 
+    mixed = args.predictions is not None and (args.refs is not None or args.hyps is not None)
+    incomplete = args.predictions is None and (args.refs is None or args.hyps is None)
+    if mixed or incomplete:
+        raise UsageError("give --refs and --hyps, or --predictions (the predictions.json of `ifnet evaluate`)")
     metrics = [m for m in args.metrics if not (args.no_meteor and m == "METEOR")]
     if not metrics:
         raise IFNetError("--no-meteor leaves no metric to compute")
@@ -137,11 +171,14 @@ def run(args: argparse.Namespace) -> int:
         fmt = _per_study_target(args.per_study)
         check_writable_target(args.per_study, args.overwrite)
 
-    refs = _read_reports(args.refs, hypotheses=False)
-    hyps = _read_reports(args.hyps, hypotheses=True)
-    mismatch = describe_id_mismatch(list(refs), list(hyps), refs_name=str(args.refs), hyps_name=str(args.hyps))
-    if mismatch:
-        raise IFNetError(mismatch)
+    if args.predictions is not None:
+        refs, hyps = _read_predictions(args.predictions)
+    else:
+        refs = _read_reports(args.refs, hypotheses=False)
+        hyps = _read_reports(args.hyps, hypotheses=True)
+        mismatch = describe_id_mismatch(list(refs), list(hyps), refs_name=str(args.refs), hyps_name=str(args.hyps))
+        if mismatch:
+            raise IFNetError(mismatch)
 
     report = score_reports(refs, hyps, cleaner=args.cleaner, metrics=metrics, uncertain=args.uncertain)
     print(format_table(report.scores))

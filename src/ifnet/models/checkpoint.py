@@ -194,7 +194,9 @@ def read_meta(path: PathLike) -> dict:
     try:
         meta = read_json(root / META_FILE)
     except DataError as e:
-        raise CheckpointError(f"{root}: not a complete ifnet checkpoint ({META_FILE}: {e.detail})") from None
+        hint = (f"; {root} is a training run folder: its checkpoints are {root / 'best'} and {root / 'last'}"
+                if (root / "best" / META_FILE).is_file() or (root / "last" / META_FILE).is_file() else "")
+        raise CheckpointError(f"{root}: not a complete ifnet checkpoint ({META_FILE}: {e.detail}){hint}") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{root / META_FILE}: not an ifnet checkpoint (format {meta.get('format')!r})"
                               if isinstance(meta, dict) else f"{root / META_FILE}: not an ifnet checkpoint")
