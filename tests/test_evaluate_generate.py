@@ -42,6 +42,14 @@ def test_evaluate_writes_predictions_metrics_and_page(tiny_checkpoint, tmp_path,
     page = (out / "index.html").read_text()
     assert page.count("class='study'") == 4 and "data:image/png;base64," in page
     assert f"{consistency['consistent_reports']} of 4 reports say exactly the findings" in page
+    # per study: the condition is what is highlighted, and what the report leaves unsaid is flagged
+    assert "highlighted: the condition the report was decoded from" in page
+    for p in preds:
+        block = page.split(f"id='{p['id']}'")[1].split("class='study'")[0]
+        held = {k for k, v in p["condition"].items() if v >= 0.5}
+        assert {name for name in OBSERVATIONS if f"<span class='finding hi'>{name} " in block} == held
+        if p["consistency"]["unsaid"]:
+            assert "in the condition, not said by the report: " + ", ".join(p["consistency"]["unsaid"]) in block
     # outputs are not overwritten without --overwrite, any of them
     assert cli_main(["evaluate", "--checkpoint", str(tiny_checkpoint), "--out", str(out), "--no-meteor"]) == 1
     other = tmp_path / "other"

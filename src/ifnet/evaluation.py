@@ -143,7 +143,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     from ifnet.iec.clahe import build_enhancer
     from ifnet.inference import guidance_weight, mbr_sample_count, positive_count
     from ifnet.io_utils import atomic_write_json
-    from ifnet.metrics.consistency import check_reports, consistency_note
+    from ifnet.metrics.consistency import CONDITION_CUTOFF, check_reports, consistency_note
     from ifnet.metrics.scoring import score_reports
     from ifnet.models.checkpoint import load_checkpoint
     from ifnet.report_page import Example, write_page
@@ -197,7 +197,8 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
         page_examples.append(Example(
             study.id, row["generated"], row["reference"], images=[to_uint8(v) for v in views],
             enhanced=[to_uint8(enhancer(v)) for v in views], findings=row["predicted_findings"],
-            reference_findings=[k for k, v in row["reference_labels"].items() if v in (1, -1)]))
+            reference_findings=[k for k, v in row["reference_labels"].items() if v in (1, -1)],
+            condition=[k for k, v in row["condition"].items() if v >= CONDITION_CUTOFF], consistency=row["consistency"]))
     write_page(out / "index.html", f"IFNet evaluation: {split} split ({len(preds)} studies)", page_examples,
                metrics={k: v for k, v in metrics.items()},
                curves_png=Path(checkpoint).parent / "curves.png",

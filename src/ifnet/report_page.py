@@ -30,6 +30,10 @@ class Example:
     enhanced: Sequence[np.ndarray] = ()
     findings: Mapping[str, float] = field(default_factory=dict)  # observation -> probability
     reference_findings: Sequence[str] = ()
+    # the observations the report was decoded from (None: not known; highlighting then falls back to p >= 0.5)
+    condition: Sequence[str] | None = None
+    # what the report says against that condition (ifnet.metrics.consistency): "unsaid" and "unsupported" lists
+    consistency: Mapping[str, Sequence[str]] = field(default_factory=dict)
 
 
 def png_data_uri(img: np.ndarray, max_side: int = 256) -> str:
@@ -88,11 +92,18 @@ def render_page(title: str, examples: Sequence[Example], *, metrics: Mapping[str
         if ex.reference is not None:
             parts.append(f"<div class='label'>reference</div><div class='report ref'>{e(ex.reference)}</div>")
         if ex.findings:
-            parts.append("<div class='label'>predicted findings (probability)</div><div>")
+            held = set(ex.condition) if ex.condition is not None else None
+            what = ("highlighted: the condition the report was decoded from" if held is not None
+                    else f"highlighted: p &ge; {threshold:g}")
+            parts.append(f"<div class='label'>predicted findings (probability; {what})</div><div>")
             for name, p in sorted(ex.findings.items(), key=lambda kv: -kv[1]):
-                cls = "finding hi" if p >= threshold else "finding"
-                parts.append(f"<span class='{cls}'>{e(name)} {p:.2f}</span>")
+                hi = name in held if held is not None else p >= threshold
+                parts.append(f"<span class='{'finding hi' if hi else 'finding'}'>{e(name)} {p:.2f}</span>")
             parts.append("</div>")
+        for key, text in (("unsaid", "in the condition, not said by the report"),
+                          ("unsupported", "said by the report, not in the condition")):
+            if ex.consistency.get(key):
+                parts.append(f"<div class='note'>{text}: {e(', '.join(ex.consistency[key]))}</div>")
         if ex.reference_findings:
             parts.append("<div class='label'>reference findings (labeler)</div><div>"
                          + "".join(f"<span class='finding'>{e(n)}</span>" for n in ex.reference_findings)
