@@ -218,6 +218,15 @@ def test_cli_failed_fresh_run_leaves_nothing_behind(tiny_data, tmp_path, capsys)
     assert json.loads((data / "annotation.json").read_text()) == ann
 
 
+def test_train_limit_trains_on_the_first_studies_only(tiny_data, tmp_path):
+    full = Trainer(tiny_config(tiny_data, "optim.epochs=1"), tmp_path / "full")
+    five = Trainer(tiny_config(tiny_data, "optim.epochs=1", "data.train_limit=5"), tmp_path / "five")
+    assert [s.id for s in five.train_studies] == [s.id for s in full.train_studies[:5]]
+    assert five.val_studies == full.val_studies and five.fit().epochs_run == 1
+    with pytest.raises(Exception, match="field 'data.train_limit': must be >= 1 or null"):
+        tiny_config(tiny_data, "data.train_limit=0")
+
+
 def test_misspelled_config_key_is_an_error(tiny_data, tmp_path, capsys):
     assert cli_main(["train", "--out", str(tmp_path / "r"), "--set", "optim.epoch=3"]) == 1
     assert "unknown key(s) optim.epoch" in capsys.readouterr().err

@@ -33,6 +33,9 @@ class DataConfig:
     batch_size: int = 16  # studies per optimisation step (per process under torchrun)
     num_workers: int = 2  # DataLoader worker processes
     val_limit: Optional[int] = None  # decode only the first N validation studies each epoch (None: all)
+    # train on the first N training studies only (a smoke run, a learning curve; None: all). The vocabulary
+    # is built from them
+    train_limit: Optional[int] = None
     # repeat-factor sampling (LVIS): a study with a finding present in a fraction f < repeat_threshold of
     # the training studies is drawn sqrt(repeat_threshold / f) times per epoch on average; None = plain shuffle
     repeat_threshold: Optional[float] = None
@@ -47,8 +50,9 @@ class DataConfig:
             raise SettingError("iec", f"must be one of {', '.join(IEC_MODES)}, got {self.iec!r}")
         if not self.clip_limit > 0:
             raise SettingError("clip_limit", f"must be > 0, got {self.clip_limit}")
-        if self.val_limit is not None and self.val_limit < 1:
-            raise SettingError("val_limit", f"must be >= 1 or null (all), got {self.val_limit}")
+        for name in ("val_limit", "train_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise SettingError(name, f"must be >= 1 or null (all), got {getattr(self, name)}")
         if self.repeat_threshold is None:
             if self.repeat_reweight_labels:
                 raise SettingError("repeat_reweight_labels", "needs data.repeat_threshold (repeat-factor sampling)")

@@ -128,7 +128,7 @@ class Trainer:
             raise IFNetError("data.annotation and data.image_root must be set (in the YAML or with --set)")
         ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=("train", "val"),
                               max_views=d.max_views)
-        self.train_studies, self.val_studies = ann.split("train"), ann.split("val")
+        self.train_studies, self.val_studies = ann.split("train")[: d.train_limit], ann.split("val")
         if not self.train_studies or not self.val_studies:
             raise IFNetError(f"{d.annotation}: need non-empty train and val splits for training and model selection")
         vocab_path = self.out / "vocab.json"
