@@ -186,6 +186,8 @@ def test_cli_resume_takes_the_runs_config_and_refuses_another_model(tiny_data, t
     assert "model.transformer.d_model is 32 in the run, 64 here" in err[0] and "config.json" in err[0]
     assert (out / "config.json").read_bytes() == config_before
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == files_before
+    assert cli_main(["train", "--out", str(out), "--resume", "--set", "eval.monitor=CIDEr"]) == 2
+    assert "eval.monitor is 'BLEU_4' in the run, 'CIDEr' here" in capsys.readouterr().err
     # No --config, no other --set: the run's own config.json, with more epochs.
     assert cli_main(["train", "--out", str(out), "--resume", "--set", "optim.epochs=2"]) == 0
     assert (out / "metrics.csv").read_text().count("\n") == 3

@@ -14,10 +14,19 @@ from ifnet.errors import IFNetError, UsageError
 
 HELP = "train IFNet from a YAML config"
 
-#: settings a resumed run may change: where it runs, where its data now lies, how long it trains. Any other
-#: difference from the run's config.json is refused (the checkpoint was trained with that config).
-RESUME_MAY_CHANGE = ("device", "data.annotation", "data.image_root", "data.num_workers", "optim.epochs",
-                     "eval.patience", "eval.meteor")
+#: settings a resumed run may change: where it runs and where its data now lies, and how it goes on training and
+#: validating (every optim.* and eval.* setting but the monitor that chose `best` so far; changing them gives up
+#: the exact continuation, which is the user's call). The model, the data and its preprocessing, the seed and
+#: the monitor must stay: the checkpoint was trained with them.
+RESUME_MAY_CHANGE = ("device", "deterministic", "data.annotation", "data.image_root", "data.num_workers",
+                     "data.val_limit", "optim.*", "eval.*")
+RESUME_MUST_KEEP = ("eval.monitor",)
+
+
+def may_change_on_resume(key: str) -> bool:
+    if key in RESUME_MUST_KEEP:
+        return False
+    return any(key == k or (k.endswith(".*") and key.startswith(k[:-1])) for k in RESUME_MAY_CHANGE)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="run folder (checkpoints, logs, resolved config)")
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in --out from its `last` checkpoint, with the run's config.json "
-                             "(--set may change only " + ", ".join(RESUME_MAY_CHANGE) + ")")
+                             "(--set may change only " + ", ".join(RESUME_MAY_CHANGE) + " but eval.monitor)")
     parser.add_argument("--overwrite", action="store_true", help="start afresh even if --out already holds a run")
 
 
@@ -45,7 +54,7 @@ def resume_conflict(saved: dict, given: dict) -> str | None:
     None."""
     old, new = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(given)))
     for key in sorted(set(old) | set(new)):
-        if key not in RESUME_MAY_CHANGE and old.get(key) != new.get(key):
+        if not may_change_on_resume(key) and old.get(key) != new.get(key):
             return f"{key} is {old.get(key)!r} in the run, {new.get(key)!r} here"
     return None
 
@@ -87,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
         conflict = resume_conflict(to_dict(resolve(TrainConfig, saved)), to_dict(cfg))
         if conflict:
             raise UsageError(f"--resume: {saved}: {conflict}; the checkpoint was trained with the run's config "
-                             f"(leave out --config to use it; --set may change only {', '.join(RESUME_MAY_CHANGE)})")
+                             f"(leave out --config to use it; --set may change only "
+                             f"{', '.join(RESUME_MAY_CHANGE)} but eval.monitor)")
     # A fresh run into a new or empty folder that fails before its first checkpoint leaves nothing behind.
     existed = out.exists()
     fresh = not args.resume and (not existed or not any(out.iterdir()))
