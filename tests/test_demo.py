@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from ifnet.cli import main as cli_main
 from ifnet.demo.phantom import make_study
@@ -42,3 +43,27 @@ def test_demo_runs_end_to_end(tmp_path):
     (other / "keep.txt").write_text("user data")
     assert cli_main(["demo", "--out", str(other), "--studies", "4", "2", "2", "--epochs", "1"]) == 1
     assert (other / "keep.txt").read_text() == "user data"
+    # --overwrite writes the demo's entries into it and touches nothing else; a rerun into a demo folder replaces
+    # only what the demo wrote, even the user's notes put there stay
+    assert cli_main(["demo", "--out", str(other), "--studies", "4", "2", "2", "--epochs", "1", "--overwrite"]) == 0
+    assert (other / "keep.txt").read_text() == "user data" and (other / "metrics.json").is_file()
+    (out / "my_notes.txt").write_text("notes")
+    (out / "run" / "stale.txt").write_text("from the earlier run")
+    assert cli_main(["demo", "--out", str(out), "--studies", "4", "2", "2", "--epochs", "1"]) == 0
+    assert (out / "my_notes.txt").read_text() == "notes" and not (out / "run" / "stale.txt").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--studies", "0", "2", "2"], "--studies: every split needs at least one study, got 0 2 2"),
+    (["--studies", "4", "2", "0"], "--studies: every split needs at least one study"),
+    (["--epochs", "0"], "--epochs must be >= 1, got 0"),
+])
+def test_bad_demo_options_are_refused_before_anything_is_written(tmp_path, capsys, argv, message):
+    out = tmp_path / "d"
+    assert cli_main(["demo", "--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists(), err
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    assert cli_main(["demo", "--out", str(afile)]) == 2
+    assert "exists and is not a folder" in capsys.readouterr().err and afile.read_text() == "mine"

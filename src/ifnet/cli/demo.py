@@ -17,7 +17,7 @@ import time
 from importlib import resources
 from pathlib import Path
 
-from ifnet.errors import IFNetError
+from ifnet.errors import IFNetError, UsageError
 
 HELP = "the whole pipeline on a generated sample, no download needed"
 
@@ -28,7 +28,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--studies", type=int, nargs=3, metavar=("TRAIN", "VAL", "TEST"),
                         help="phantom studies per split (default 240 30 60)")
     parser.add_argument("--seed", type=int, default=0, help="phantom generation seed")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing demo output folder")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="also write into a non-empty folder that is not a demo output folder. Only the demo's "
+                             "own entries (" + ", ".join(DEMO_ENTRIES[1:]) + ") are replaced, there or in an "
+                             "earlier demo's folder; nothing else in the folder is ever touched")
+
+
+#: what `ifnet demo` writes into --out (the marker first); a rerun replaces these and only these
+DEMO_ENTRIES = (".ifnet-demo", "data", "run", "eval", "index.html", "metrics.json")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -46,15 +53,28 @@ def run(args: argparse.Namespace) -> int:
     from ifnet.train.trainer import Trainer
 
     out: Path = args.out
-    if out.exists() and any(out.iterdir()):
-        if not args.overwrite and not (out / ".ifnet-demo").exists():
-            raise IFNetError(f"{out}: exists and is not a demo folder; choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    (out / ".ifnet-demo").write_text("made by `ifnet demo`; safe to delete\n")
+    studies = tuple(args.studies or (240, 30, 60))
+    if any(n < 1 for n in studies):
+        raise UsageError(f"--studies: every split needs at least one study, got {' '.join(map(str, studies))}")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if out.exists():
+        if not out.is_dir():
+            raise UsageError(f"--out {out}: exists and is not a folder")
+        if any(out.iterdir()) and not (out / DEMO_ENTRIES[0]).exists() and not args.overwrite:
+            raise IFNetError(f"{out}: exists and is not a demo folder; choose another --out, or pass --overwrite to "
+                             f"write the demo's entries into it (nothing else there is touched)")
+        for name in DEMO_ENTRIES:  # an earlier demo's output; never anything the demo did not write
+            entry = out / name
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            elif entry.exists() or entry.is_symlink():
+                entry.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_ENTRIES[0]).write_text("made by `ifnet demo`; safe to delete\n")
     t_start = time.time()
 
-    counts = DemoSplit(*(args.studies or (240, 30, 60)))
+    counts = DemoSplit(*studies)
     print(f"[1/4] generating {counts.train}/{counts.val}/{counts.test} phantom studies in {out / 'data'}")
     info = write_demo_dataset(out / "data", counts, seed=args.seed)
 
