@@ -126,14 +126,24 @@ def test_generate_text_json_heatmap_and_supplied_findings(tiny_checkpoint, tmp_p
     assert "already exists" in err and "unknown observation 'gout'" in err and str(bad) in err
 
 
-def test_reproduce_reports_mean_and_std_over_seeds(tiny_checkpoint, tmp_path):
+def test_reproduce_reports_mean_and_std_over_seeds(tiny_checkpoint, tmp_path, capsys):
     from ifnet.serve.tiny_checkpoint import TINY_OVERRIDES
 
     data = _data_of(tiny_checkpoint)
     sets = [a for s in (*TINY_OVERRIDES, f"data.annotation={data / 'annotation.json'}",
                         f"data.image_root={data / 'images'}") for a in ("--set", s)]
     out = tmp_path / "repro"
+    # a split the annotation lacks is found before any training
+    assert cli_main(["reproduce", "--seeds", "2", "--no-meteor", "--out", str(out), "--split", "bogus", *sets]) == 1
+    assert "bogus" in capsys.readouterr().err and not out.exists()
     assert cli_main(["reproduce", "--seeds", "2", "--no-meteor", "--out", str(out), *sets]) == 0
+    # --resume with another config would mix two configs in one mean +- std: refused, summary untouched
+    before = (out / "summary.json").read_bytes()
+    assert cli_main(["reproduce", "--seeds", "3", "--no-meteor", "--out", str(out), "--resume", *sets,
+                     "--set", "data.image_size=48"]) == 2
+    assert "data.image_size is 64 in the run, 48 here" in capsys.readouterr().err
+    assert (out / "summary.json").read_bytes() == before and not (out / "seed9225").exists()
+    assert "guidance" not in (out / "summary.md").read_text()  # settings are not averaged as metrics
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["seeds"]) == 2 and len(summary["per_seed"]) == 2
     bleu = [m["BLEU_4"] for m in summary["per_seed"].values()]

@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from ifnet.cli import add_config_arguments
 from ifnet.errors import IFNetError, UsageError
@@ -48,13 +48,13 @@ def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def resume_conflict(saved: dict, given: dict) -> str | None:
-    """The first setting, outside :data:`RESUME_MAY_CHANGE`, where ``given`` (the resolved config of this
-    command) differs from ``saved`` (the run's config.json, resolved), as "key is A in the run, B here"; else
-    None."""
+def resume_conflict(saved: dict, given: dict, may_change: Callable[[str], bool] = may_change_on_resume) -> str | None:
+    """The first setting that ``may_change`` refuses (default: outside :data:`RESUME_MAY_CHANGE`) where ``given``
+    (the resolved config of this command) differs from ``saved`` (the run's config.json, resolved), as "key is A
+    in the run, B here"; else None."""
     old, new = _flat(json.loads(json.dumps(saved))), _flat(json.loads(json.dumps(given)))
     for key in sorted(set(old) | set(new)):
-        if not may_change_on_resume(key) and old.get(key) != new.get(key):
+        if not may_change(key) and old.get(key) != new.get(key):
             return f"{key} is {old.get(key)!r} in the run, {new.get(key)!r} here"
     return None
 
