@@ -280,3 +280,19 @@ def test_cli_generate_reads_an_export_folder(exported: Path, tiny_checkpoint: Pa
     assert doc["report"] and set(doc["findings"]) == set(want.findings)
     assert cli_main(["generate", "--checkpoint", str(exported), images[0], "--guidance", "-1"]) == 1
     assert "--guidance must be a finite number >= 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--opset", "5"], "--opset 5: these graphs export with opsets 11-20"),
+    (["--opset", "99"], "--opset 99: these graphs export with opsets 11-20"),
+    (["--int8", "--compare", "2", "--compare-split", "bogus"], "bogus"),
+    (["--int8", "--compare", "2", "--compare-annotation", "/nonexistent/annotation.json"],
+     "--compare: annotation /nonexistent/annotation.json not found"),
+])
+def test_bad_export_options_are_refused_before_exporting(tiny_checkpoint: Path, tmp_path: Path, capsys, extra, message):
+    out = tmp_path / "x"
+    assert cli_main(["export", "--checkpoint", str(tiny_checkpoint), "--out", str(out), *extra]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    # (an annotation problem is the loader's summary line plus the problem, as everywhere)
+    assert len(err) <= 2 and message in err[-1] and "pass --compare-annotation" not in err[-1], err
+    assert not out.exists()

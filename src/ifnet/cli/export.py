@@ -37,6 +37,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--compare must be >= 0")
     if args.compare and not args.int8:
         raise UsageError("--compare needs --int8 (it measures what int8 changes)")
+    if args.compare:  # what --compare decodes is checked before minutes of export, not after
+        _check_compare_data(args)
     manifest = export_checkpoint(args.checkpoint, args.out, int8=args.int8, overwrite=args.overwrite,
                                  opset=args.opset or DEFAULT_OPSET)
     model = manifest["model"]
@@ -53,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     images = args.compare_images or (None if args.compare_annotation else Path(manifest["data_config"]["image_root"]))
     if not annotation.is_file():
         if args.compare:
-            raise IFNetError(f"--compare: annotation {annotation} not found; pass --compare-annotation")
+            raise IFNetError(f"--compare: annotation {annotation} not found"
+                             + ("" if args.compare_annotation else "; pass --compare-annotation"))
         print(f"int8 metric change not measured: the training annotation {annotation} is not on disk "
               "(pass --compare N --compare-annotation FILE --compare-images DIR)")
         return 0
@@ -71,3 +74,20 @@ def run(args: argparse.Namespace) -> int:
     print(f"written to {args.out / 'int8_report.json'}: "
           + json.dumps(report["variants"].get("int8", {}).get("change_vs_fp32", {})))
     return 0
+
+
+def _check_compare_data(args: argparse.Namespace) -> None:
+    """--compare's annotation (given, or the checkpoint's training annotation) exists and holds --compare-split."""
+    from ifnet.data.annotation import load_annotation
+    from ifnet.models.checkpoint import read_meta
+
+    annotation = args.compare_annotation
+    if annotation is None:
+        data = ((read_meta(args.checkpoint).get("metadata") or {}).get("train_config") or {}).get("data") or {}
+        if not data.get("annotation"):
+            return  # export reports the checkpoint's problem
+        annotation = Path(data["annotation"])
+    if not Path(annotation).is_file():
+        raise IFNetError(f"--compare: annotation {annotation} not found"
+                         + ("" if args.compare_annotation else "; pass --compare-annotation"))
+    load_annotation(annotation, args.compare_images, check_images=False, splits=(args.compare_split,))

@@ -46,6 +46,9 @@ EXPORT_VERSION = 1
 #: Opset 17 has every operator these graphs need (TopK, ScatterElements, LayerNormalization) and runs on
 #: ONNX Runtime >= 1.12; nothing newer is needed.
 DEFAULT_OPSET = 17
+#: opsets these graphs export and verify with (checked 2026-12-04 with the demo checkpoint: 9 lacks the Pad the
+#: CNN needs; 20 is the highest the TorchScript exporter writes)
+OPSET_RANGE = (11, 20)
 GRAPHS = ("backbone", "encoder", "decoder_step")
 MANIFEST_FILE = "manifest.json"
 VOCAB_FILE = "vocab.json"
@@ -67,6 +70,9 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, *, int8: bool = False
     from ifnet.models.checkpoint import META_FILE, WEIGHTS_FILE, load_checkpoint
     from ifnet.train.data import image_config
 
+    if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
+        raise IFNetError(f"--opset {opset}: these graphs export with opsets {OPSET_RANGE[0]}-{OPSET_RANGE[1]} "
+                         f"(default {DEFAULT_OPSET})")
     target = Path(out)
     _check_target(target, overwrite)
     model, tokenizer, config, meta = load_checkpoint(checkpoint, map_location="cpu")
