@@ -144,8 +144,10 @@ def test_tune_top_refuses_mismatched_inputs():
         tune_top(net, mids[:4], y[:3], mids[4:], y[4:], select=[0, 1])
     with pytest.raises(ValueError, match="select names"):
         tune_top(net, mids[:4], y[:4], mids[4:], y[4:], select=[0])
-    with pytest.raises(ValueError, match="at least one epoch"):
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
         tune_top(net, mids[:4], y[:4], mids[4:], y[4:], select=[0, 1], config=TopTuningConfig(epochs=0))
+    with pytest.raises(ValueError, match="lr must be a finite number > 0, got -1"):
+        TopTuningConfig(lr=-1.0)
 
 
 # -- `ifnet tune-top` on the demo phantoms -------------------------------------------------------------
@@ -225,3 +227,17 @@ def test_tune_top_refuses_a_weights_path_it_would_ignore(phantoms, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "given but pretrained is False, so it would be ignored" in err[0]
     assert not out.exists()
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--epochs", "0", "--epochs must be >= 1, got 0"),
+    ("--lr", "-1", "--lr must be a finite number > 0, got -1.0"),
+    ("--lr", "0", "--lr must be a finite number > 0, got 0.0"),
+])
+def test_tune_top_refuses_bad_options_before_any_work(phantoms, tmp_path, capsys, option, value, message):
+    from ifnet.cli import main
+
+    out = tmp_path / "trunk.safetensors"
+    assert main(["tune-top", *_sets(phantoms), "--out", str(out), option, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and not out.exists(), err

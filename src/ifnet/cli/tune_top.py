@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
 from ifnet.cli import add_config_arguments
-from ifnet.errors import IFNetError
+from ifnet.errors import IFNetError, UsageError
 
 HELP = "fine-tune the top stage of the CNN on the training labels (CPU), for model.weights_path"
 
@@ -62,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
     d, m = cfg.data, cfg.model
     if not d.annotation or not d.image_root:
         raise IFNetError("data.annotation and data.image_root must be set (in the YAML or with --set)")
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be >= 1, got {args.epochs}")
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        raise UsageError(f"--lr must be a finite number > 0, got {args.lr}")
     tuning = TopTuningConfig(seed=cfg.seed)
     if args.epochs is not None:
         tuning = replace(tuning, epochs=args.epochs)
@@ -69,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         tuning = replace(tuning, lr=args.lr)
     ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=("train", "val"),
                           max_views=d.max_views)
-    train, val = ann.split("train"), ann.split("val")
+    train, val = ann.split("train")[: d.train_limit], ann.split("val")[: d.val_limit]  # a slice, as `ifnet train`
     if not train or not val:
         raise IFNetError(f"{d.annotation}: need non-empty train and val splits (tuning chooses its epoch on val)")
     source = d.head_labels or d.labels

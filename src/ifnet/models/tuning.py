@@ -50,6 +50,19 @@ class TopTuningConfig:
     shift: int = 1  # random roll of the activation map by up to this many cells (0: none)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        import math
+
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"top tuning {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"top tuning {name} must be a finite number > 0, got {value}")
+        if not (self.weight_decay >= 0 and 0 <= self.dropout < 1 and self.shift >= 0):
+            raise ValueError("top tuning needs weight_decay >= 0, dropout in [0, 1) and shift >= 0")
+
 
 @dataclass
 class TuningResult:
