@@ -61,6 +61,10 @@ def test_refuses_to_overwrite_without_flag(annotation, tmp_path, capsys):
     assert out.read_text() == "keep me"
     assert main(["label", "--annotation", str(annotation), "--out", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text())["labels"]
+    # a folder is never a labels file, with or without --overwrite
+    for flags in ([], ["--overwrite"]):
+        assert main(["label", "--annotation", str(annotation), "--out", str(tmp_path), *flags]) == 1
+        assert f"{tmp_path}: is a folder; give a file name" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("content, message", [

@@ -42,8 +42,10 @@ class WriteError(IFNetError, OSError):
 
 
 def check_writable_target(path: PathLike, overwrite: bool) -> Path:
-    """Raise a clear error if ``path`` exists and ``overwrite`` is False."""
+    """Raise a clear error if ``path`` (a file to write) is a folder, or exists and ``overwrite`` is False."""
     p = Path(path)
+    if p.is_dir():
+        raise OutputExistsError(f"{p}: is a folder; give a file name")
     if p.exists() and not overwrite:
         raise OutputExistsError(f"{p}: already exists; pass --overwrite to replace it")
     return p
