@@ -304,7 +304,7 @@ def test_upload_over_the_limit_is_413_before_it_is_read(predictor: Predictor) ->
     with TestClient(create_app(predictor, limits)) as c:
         r = post(c, {"frontal": ("big.png", encode(big))})  # ~90 KB, with Content-Length
         assert r.status_code == 413
-        assert r.json()["error"].startswith("upload larger than the server's limit of 0.0476837 MB")
+        assert r.json()["error"].startswith("upload larger than the server's limit of 0.0477 MB")
         # Chunked: no Content-Length, so the cap is enforced while streaming.
         body, content_type = multipart_body({"frontal": ("big.png", encode(big))})
         chunks = (body[i:i + 8192] for i in range(0, len(body), 8192))
@@ -444,7 +444,16 @@ def test_cli_reports_a_busy_port_before_loading_the_model(tmp_path: Path, capsys
         port = taken.getsockname()[1]
         code = cli_main(["serve", "--checkpoint", str(tmp_path / "no-such-checkpoint"), "--port", str(port)])
     assert code == 1
-    assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"cannot listen on 127.0.0.1:{port}" in err and "another server on that port?" in err
+
+
+def test_an_address_not_of_this_machine_gets_the_host_hint_not_the_port_one() -> None:
+    from ifnet.errors import IFNetError
+    from ifnet.serve.server import bind
+
+    with pytest.raises(IFNetError, match=r"cannot listen on 192\.0\.2\.1:0: .*is --host an address of this machine"):
+        bind("192.0.2.1", 0)  # TEST-NET-1 (RFC 5737): never assigned to a machine
 
 
 @pytest.mark.parametrize("flags, message", [

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import socket
 from typing import Any
@@ -38,8 +39,10 @@ def bind(host: str, port: int) -> socket.socket:
         sock.bind(address)
     except OSError as e:
         sock.close()
-        raise IFNetError(f"cannot listen on {host}:{port}: {e.strerror} "
-                         "(another server on that port? choose another --port, or --port 0 for any free one)") from None
+        hint = ("another server on that port? choose another --port, or --port 0 for any free one"
+                if e.errno in (errno.EADDRINUSE, errno.EACCES) else
+                "is --host an address of this machine? 127.0.0.1 for this machine only, 0.0.0.0 for every interface")
+        raise IFNetError(f"cannot listen on {host}:{port}: {e.strerror} ({hint})") from None
     sock.listen(128)
     sock.set_inheritable(True)
     return sock

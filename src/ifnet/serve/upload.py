@@ -26,7 +26,7 @@ class UploadError(Exception):
 
 
 def too_large(limit: int) -> UploadError:
-    return UploadError(413, f"upload larger than the server's limit of {limit / 2 ** 20:g} MB "
+    return UploadError(413, f"upload larger than the server's limit of {limit / 2 ** 20:.3g} MB "
                             "(both images together; `ifnet serve --max-upload-mb` sets it)")
 
 
