@@ -500,3 +500,12 @@ def test_onnx_export_folder_is_served_with_onnx_runtime(serve_checkpoint: Path, 
     assert doc["report"] == OnnxPredictor(folder).predict(views).report
     with pytest.raises(IFNetError, match="runs on the CPU"):
         open_predictor(folder, device="cuda")
+
+
+def test_a_tiny_or_strip_shaped_image_is_answered_with_a_warning(client: TestClient) -> None:
+    for shape, message in (((1, 1), "frontal (dot.png) is 1x1 px, far below the model's"),
+                           ((10, 400), "frontal (dot.png) is 400x10 px; chest radiographs are close to square")):
+        img = np.full(shape, 128, np.uint8)
+        r = post(client, {"frontal": ("dot.png", encode(img, "PNG"), "image/png")})
+        assert r.status_code == 200, r.text
+        assert any(message in w for w in r.json()["warnings"]), r.json()["warnings"]
