@@ -296,3 +296,9 @@ def test_bad_export_options_are_refused_before_exporting(tiny_checkpoint: Path, 
     # (an annotation problem is the loader's summary line plus the problem, as everywhere)
     assert len(err) <= 2 and message in err[-1] and "pass --compare-annotation" not in err[-1], err
     assert not out.exists()
+
+
+def test_an_export_folder_given_as_a_checkpoint_says_what_it_is(exported: Path, tmp_path: Path, capsys):
+    assert cli_main(["export", "--checkpoint", str(exported), "--out", str(tmp_path / "again")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "is an `ifnet export` (ONNX) folder" in err and "\n" not in err

@@ -194,8 +194,12 @@ def read_meta(path: PathLike) -> dict:
     try:
         meta = read_json(root / META_FILE)
     except DataError as e:
-        hint = (f"; {root} is a training run folder: its checkpoints are {root / 'best'} and {root / 'last'}"
-                if (root / "best" / META_FILE).is_file() or (root / "last" / META_FILE).is_file() else "")
+        hint = ""
+        if (root / "best" / META_FILE).is_file() or (root / "last" / META_FILE).is_file():
+            hint = f"; {root} is a training run folder: its checkpoints are {root / 'best'} and {root / 'last'}"
+        elif (root / "manifest.json").is_file():  # ifnet.export.onnx_export.MANIFEST_FILE
+            hint = (f"; {root} is an `ifnet export` (ONNX) folder, which generate and serve read but this "
+                    "command does not")
         raise CheckpointError(f"{root}: not a complete ifnet checkpoint ({META_FILE}: {e.detail}){hint}") from None
     if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{root / META_FILE}: not an ifnet checkpoint (format {meta.get('format')!r})"
