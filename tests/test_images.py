@@ -355,3 +355,48 @@ def test_broken_dicom(tmp_path):
 def test_image_error_is_a_data_error(tmp_path):
     with pytest.raises(DataError):
         read_xray(tmp_path / "missing.png")
+
+
+def _odd_dicom(truncate: bool) -> bytes:
+    """An 8x8 DICOM whose SOP Instance UID pydicom warns about on reading; truncated: its pixels are cut short."""
+    import warnings
+
+    import pydicom
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    meta = FileMetaDataset()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = "1.2.840.10008.5.1.4.1.1.1", "1.2.3"
+    ds = Dataset()
+    ds.file_meta = meta
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ds.SOPInstanceUID = "1.2.abc!!"
+        ds.Rows, ds.Columns, ds.BitsAllocated, ds.BitsStored, ds.HighBit = 8, 8, 8, 8, 7
+        ds.PixelRepresentation, ds.SamplesPerPixel, ds.PhotometricInterpretation = 0, 1, "MONOCHROME2"
+        ds.PixelData = np.arange(64, dtype=np.uint8).tobytes()
+        mode = pydicom.config.settings.writing_validation_mode
+        pydicom.config.settings.writing_validation_mode = pydicom.config.IGNORE
+        try:
+            buf = io.BytesIO()
+            ds.save_as(buf, enforce_file_format=True)
+        finally:
+            pydicom.config.settings.writing_validation_mode = mode
+    data = buf.getvalue()
+    return data[:-40] if truncate else data
+
+
+def test_a_dicom_that_fails_gives_one_error_and_not_the_warnings_before_it():
+    import warnings
+
+    good, bad = _odd_dicom(False), _odd_dicom(True)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert read_xray_bytes(good, "odd.dcm").shape == (8, 8)
+    assert any("Invalid value for VR UI" in str(w.message) for w in seen)  # a file that reads keeps its warnings
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with pytest.raises(ImageError, match="bad.dcm: cannot decode DICOM pixel data"):
+            read_xray_bytes(bad, "bad.dcm")
+    assert not seen, [str(w.message) for w in seen]

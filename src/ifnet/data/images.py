@@ -29,11 +29,14 @@ needs PIL's limit raised as well.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import struct
+import threading
+import warnings
 import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO, Callable, Optional
+from typing import TYPE_CHECKING, BinaryIO, Callable, Iterator, Optional
 
 import numpy as np
 
@@ -152,16 +155,33 @@ def _jpeg_size(fh: BinaryIO, name: str) -> tuple[int, int]:
         fh.seek(seg_len - 2, io.SEEK_CUR)
 
 
+@contextlib.contextmanager
+def warnings_only_on_success() -> Iterator[None]:
+    """Hold back the warnings raised inside (pydicom warns about each odd element it meets): re-issued when the
+    block succeeds, dropped when it raises, so a file that cannot be read gets one error line, not a warning
+    cascade before it. Only in the main thread: ``catch_warnings`` swaps process-wide state, so in the server's
+    worker threads warnings pass through as they come."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        yield
+    for w in seen:
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
 def _read_dicom(fh: BinaryIO, name: str, *, pixels: bool) -> "DicomDataset":
     import pydicom
     from pydicom.errors import InvalidDicomError
 
     try:
-        ds = pydicom.dcmread(fh, stop_before_pixels=not pixels)
-        # pydicom decodes each element on first access: do it here, so that a damaged element (an
-        # unknown VR in Rows, say) is reported as a corrupt file rather than raised later, anywhere.
-        for _ in ds.iterall():
-            pass
+        with warnings_only_on_success():
+            ds = pydicom.dcmread(fh, stop_before_pixels=not pixels)
+            # pydicom decodes each element on first access: do it here, so that a damaged element (an
+            # unknown VR in Rows, say) is reported as a corrupt file rather than raised later, anywhere.
+            for _ in ds.iterall():
+                pass
         return ds
     except InvalidDicomError as e:
         raise ImageError(name, f"not a valid DICOM file: {e}") from None
@@ -338,6 +358,11 @@ def _voi_output_range(ds: "DicomDataset", arr: np.ndarray, applied: str) -> tupl
 
 
 def _decode_dicom(opener: Opener, name: str) -> np.ndarray:
+    with warnings_only_on_success():
+        return _decode_dicom_pixels(opener, name)
+
+
+def _decode_dicom_pixels(opener: Opener, name: str) -> np.ndarray:
     apply_color_lut, apply_modality_lut, apply_voi_lut, _ = _pydicom_luts()
 
     with opener() as fh:
@@ -410,6 +435,7 @@ def _read(opener: Opener, name: str, max_pixels: int, max_side: int) -> np.ndarr
     return img
 
 
+@warnings_only_on_success()
 def read_xray(path: PathLike, *, max_pixels: int = MAX_PIXELS, max_side: int = MAX_SIDE) -> np.ndarray:
     """Read one X-ray file (PNG, JPEG or DICOM) into [H, W] uint8 or uint16 (see module doc).
 
@@ -421,6 +447,7 @@ def read_xray(path: PathLike, *, max_pixels: int = MAX_PIXELS, max_side: int = M
     return _read(_path_opener(p), str(p), max_pixels, max_side)
 
 
+@warnings_only_on_success()
 def read_xray_bytes(data: bytes, name: str = "<upload>", *, max_pixels: int = MAX_PIXELS,
                     max_side: int = MAX_SIDE) -> np.ndarray:
     """:func:`read_xray` for an in-memory file (an upload); ``name`` is used in error messages."""
