@@ -395,6 +395,11 @@ def test_a_dicom_that_fails_gives_one_error_and_not_the_warnings_before_it():
         warnings.simplefilter("always")
         assert read_xray_bytes(good, "odd.dcm").shape == (8, 8)
     assert any("Invalid value for VR UI" in str(w.message) for w in seen)  # a file that reads keeps its warnings
+    with warnings.catch_warnings(record=True) as seen:  # ... under pydicom's name, so a filter on it still works
+        warnings.simplefilter("always")
+        warnings.filterwarnings("ignore", module="pydicom")
+        read_xray_bytes(good, "odd.dcm")
+    assert not seen, [str(w.message) for w in seen]
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         with pytest.raises(ImageError, match="bad.dcm: cannot decode DICOM pixel data"):

@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import io
 import struct
+import sys
 import threading
 import warnings
 import zlib
@@ -167,8 +168,15 @@ def warnings_only_on_success() -> Iterator[None]:
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         yield
-    for w in seen:
-        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    for w in seen:  # re-issued under the module that raised it, so filters such as module="pydicom" still apply
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, module=_module_named_by(w.filename))
+
+
+def _module_named_by(filename: str) -> Optional[str]:
+    for name, module in list(sys.modules.items()):
+        if getattr(module, "__file__", None) == filename:
+            return name
+    return None
 
 
 def _read_dicom(fh: BinaryIO, name: str, *, pixels: bool) -> "DicomDataset":
