@@ -213,3 +213,13 @@ def test_bad_decoding_options_are_one_line_errors_and_zero_is_not_the_default(ti
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(image), option, value]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0], err
+
+
+def test_generate_warns_about_an_image_too_small_to_read(tiny_checkpoint, tmp_path, capsys):
+    from PIL import Image
+
+    dot = tmp_path / "dot.png"
+    Image.fromarray(np.full((2, 2), 100, np.uint8)).save(dot)
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(dot)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: {dot} is 2x2 px, far below the model's" in err

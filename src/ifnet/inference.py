@@ -11,7 +11,7 @@ import io
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -226,6 +226,23 @@ def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optiona
         return OnnxPredictor(path, beam_size=beam_size, max_len=max_len, guidance=guidance, threads=threads)
     return Predictor(path, device=device, beam_size=beam_size, max_len=max_len, guidance=guidance,
                      mbr_samples=mbr_samples)
+
+
+#: a view this far from square (long side / short side) is unlikely to be a chest radiograph
+MAX_ASPECT = 3.0
+
+
+def view_warnings(label: str, height: int, width: int, input_size: Any) -> list[str]:
+    """Warnings for an image the model will read but should not be trusted on: smaller than the model's input
+    (it is upscaled from almost nothing) or far from square (not a chest radiograph, or a strip of one)."""
+    out = []
+    if isinstance(input_size, int) and min(height, width) < input_size // 4:
+        out.append(f"{label} is {width}x{height} px, far below the model's {input_size} px input: it is upscaled, "
+                   "and a report from it is unlikely to mean anything")
+    if max(height, width) > MAX_ASPECT * max(min(height, width), 1):
+        out.append(f"{label} is {width}x{height} px; chest radiographs are close to square: is this the right "
+                   "image?")
+    return out
 
 
 def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ifnet.errors import IFNetError
@@ -35,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ifnet.data.images import read_xray
-    from ifnet.inference import heatmap_overlay_png, open_predictor, parse_findings
+    from ifnet.inference import heatmap_overlay_png, open_predictor, parse_findings, view_warnings
     from ifnet.io_utils import atomic_write_bytes, check_writable_target
 
     if len(args.images) > 2:
@@ -47,6 +48,10 @@ def run(args: argparse.Namespace) -> int:
     predictor = open_predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
                                guidance=args.guidance, mbr_samples=args.mbr_samples)
     pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
+    size = predictor.describe().get("image_size")
+    for path, view in zip(args.images, views):
+        for warning in view_warnings(str(path), view.shape[0], view.shape[1], size):
+            print(f"warning: {warning}", file=sys.stderr)
     if args.heatmap is not None and pred.heatmap is not None:
         prob = pred.findings.get(pred.heatmap_label)
         caption = f"class activation map: {pred.heatmap_label}" + (f" (p = {prob:.2f})" if prob is not None else "")

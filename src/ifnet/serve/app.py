@@ -147,23 +147,6 @@ def _study_from_parts(parts: list[Part], include_images: bool) -> Study:
     return Study(uploads, findings, heatmap, include_images)
 
 
-#: a view this far from square (long side / short side) is unlikely to be a chest radiograph
-MAX_ASPECT = 3.0
-
-
-def view_warnings(label: str, height: int, width: int, input_size: Any) -> list[str]:
-    """Warnings for an image the model will read but should not be trusted on: smaller than the model's input
-    (it is upscaled from almost nothing) or far from square (not a chest radiograph, or a strip of one)."""
-    out = []
-    if isinstance(input_size, int) and min(height, width) < input_size // 4:
-        out.append(f"{label} is {width}x{height} px, far below the model's {input_size} px input: it is upscaled, "
-                   "and a report from it is unlikely to mean anything")
-    if max(height, width) > MAX_ASPECT * max(min(height, width), 1):
-        out.append(f"{label} is {width}x{height} px; chest radiographs are close to square: is this the right "
-                   "image?")
-    return out
-
-
 def _model_info(predictor: Any) -> dict:
     ckpt = Path(predictor.checkpoint)
     return {"checkpoint": "/".join(ckpt.parts[-2:]), **predictor.describe(), "version": __version__}
@@ -178,6 +161,8 @@ def _run_study(predictor: Any, study: Study, limits: ServeLimits, submitted: flo
     out = pred.to_json()
     out["views"] = [{"field": u.field, "filename": u.filename, "format": u.format, "width": int(v.shape[1]),
                      "height": int(v.shape[0]), "dtype": str(v.dtype)} for u, v in zip(study.uploads, views)]
+    from ifnet.inference import view_warnings
+
     out["warnings"] = [w for u, v in zip(study.uploads, views)
                        for w in view_warnings(u.label, v.shape[0], v.shape[1], predictor.describe().get("image_size"))]
     if len(views) > predictor.max_views:
