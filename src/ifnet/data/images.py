@@ -160,7 +160,7 @@ def _jpeg_size(fh: BinaryIO, name: str) -> tuple[int, int]:
 def warnings_only_on_success() -> Iterator[None]:
     """Hold back the warnings raised inside (pydicom warns about each odd element it meets): re-issued when the
     block succeeds, dropped when it raises, so a file that cannot be read gets one error line, not a warning
-    cascade before it. Only in the main thread: ``catch_warnings`` swaps process-wide state, so in the server's
+    cascade before it. It wraps the public readers (probe_image, read_xray, read_xray_bytes). Only in the main thread: ``catch_warnings`` swaps process-wide state, so in the server's
     worker threads warnings pass through as they come."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -184,12 +184,11 @@ def _read_dicom(fh: BinaryIO, name: str, *, pixels: bool) -> "DicomDataset":
     from pydicom.errors import InvalidDicomError
 
     try:
-        with warnings_only_on_success():
-            ds = pydicom.dcmread(fh, stop_before_pixels=not pixels)
-            # pydicom decodes each element on first access: do it here, so that a damaged element (an
-            # unknown VR in Rows, say) is reported as a corrupt file rather than raised later, anywhere.
-            for _ in ds.iterall():
-                pass
+        ds = pydicom.dcmread(fh, stop_before_pixels=not pixels)
+        # pydicom decodes each element on first access: do it here, so that a damaged element (an
+        # unknown VR in Rows, say) is reported as a corrupt file rather than raised later, anywhere.
+        for _ in ds.iterall():
+            pass
         return ds
     except InvalidDicomError as e:
         raise ImageError(name, f"not a valid DICOM file: {e}") from None
@@ -245,6 +244,7 @@ def check_size(width: int, height: int, name: str, *, max_pixels: int = MAX_PIXE
                                f"limit of {max_pixels:,} (corrupt file or decompression bomb)")
 
 
+@warnings_only_on_success()
 def probe_image(path: PathLike) -> tuple[int, int]:
     """(width, height) of a PNG, JPEG or DICOM file, reading only its header.
 
@@ -366,11 +366,6 @@ def _voi_output_range(ds: "DicomDataset", arr: np.ndarray, applied: str) -> tupl
 
 
 def _decode_dicom(opener: Opener, name: str) -> np.ndarray:
-    with warnings_only_on_success():
-        return _decode_dicom_pixels(opener, name)
-
-
-def _decode_dicom_pixels(opener: Opener, name: str) -> np.ndarray:
     apply_color_lut, apply_modality_lut, apply_voi_lut, _ = _pydicom_luts()
 
     with opener() as fh:
