@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Iterator, Union
@@ -39,6 +40,19 @@ class WriteError(IFNetError, OSError):
 
     def __reduce__(self) -> tuple:  # picklable across worker processes despite the custom __init__
         return (type(self), (self.filename, OSError(self.errno, self.strerror)))
+
+
+def remove_path(path: PathLike, *, ignore_errors: bool = False) -> None:
+    """Remove a file, a symlink (never what it points at) or a folder tree; nothing when it is absent."""
+    p = Path(path)
+    try:
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        elif p.exists() or p.is_symlink():
+            p.unlink()
+    except OSError:
+        if not ignore_errors:
+            raise
 
 
 def check_writable_target(path: PathLike, overwrite: bool) -> Path:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ifnet.config import resolve
     from ifnet.demo.dataset import DemoSplit, write_demo_dataset
     from ifnet.evaluation import evaluate_checkpoint
-    from ifnet.io_utils import atomic_write_json, read_json
+    from ifnet.io_utils import atomic_write_json, read_json, remove_path
     from ifnet.labeler import label_reports
     from ifnet.labels import FINDINGS, to_binary
     from ifnet.train.config import TrainConfig
@@ -65,11 +65,7 @@ def run(args: argparse.Namespace) -> int:
             raise IFNetError(f"{out}: exists and is not a demo folder; choose another --out, or pass --overwrite to "
                              f"write the demo's entries into it (nothing else there is touched)")
         for name in DEMO_ENTRIES:  # an earlier demo's output; never anything the demo did not write
-            entry = out / name
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            elif entry.exists() or entry.is_symlink():
-                entry.unlink()
+            remove_path(out / name)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_ENTRIES[0]).write_text("made by `ifnet demo`; safe to delete\n")
     t_start = time.time()

@@ -55,8 +55,7 @@ def run(args: argparse.Namespace) -> int:
     images = args.compare_images or (None if args.compare_annotation else Path(manifest["data_config"]["image_root"]))
     if not annotation.is_file():
         if args.compare:
-            raise IFNetError(f"--compare: annotation {annotation} not found"
-                             + ("" if args.compare_annotation else "; pass --compare-annotation"))
+            raise _missing_annotation(annotation, args)
         print(f"int8 metric change not measured: the training annotation {annotation} is not on disk "
               "(pass --compare N --compare-annotation FILE --compare-images DIR)")
         return 0
@@ -88,6 +87,10 @@ def _check_compare_data(args: argparse.Namespace) -> None:
             return  # export reports the checkpoint's problem
         annotation = Path(data["annotation"])
     if not Path(annotation).is_file():
-        raise IFNetError(f"--compare: annotation {annotation} not found"
-                         + ("" if args.compare_annotation else "; pass --compare-annotation"))
+        raise _missing_annotation(annotation, args)
     load_annotation(annotation, args.compare_images, check_images=False, splits=(args.compare_split,))
+
+
+def _missing_annotation(annotation: Path, args: argparse.Namespace) -> IFNetError:
+    return IFNetError(f"--compare: annotation {annotation} not found"
+                      + ("" if args.compare_annotation else "; pass --compare-annotation"))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any, Callable
 
@@ -62,14 +61,10 @@ def resume_conflict(saved: dict, given: dict, may_change: Callable[[str], bool] 
 def _remove_new_run(out: Path, existed: bool) -> None:
     """Undo a run that failed before its first checkpoint: the folder it made, or what it wrote into the
     empty folder it was given, so that the same command can simply be run again."""
-    if not existed:
-        shutil.rmtree(out, ignore_errors=True)
-        return
-    for child in out.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child, ignore_errors=True)
-        else:
-            child.unlink(missing_ok=True)
+    from ifnet.io_utils import remove_path
+
+    for path in [out] if not existed else list(out.iterdir()):
+        remove_path(path, ignore_errors=True)
 
 
 def run(args: argparse.Namespace) -> int:

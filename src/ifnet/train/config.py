@@ -144,14 +144,20 @@ class TrainConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self) -> None:
-        if self.device != "auto":
-            import torch
+        if self.device != "auto" and not is_torch_device(self.device):
+            raise SettingError("device", f"must be auto or a torch device (cpu, cuda, cuda:1, mps ...), "
+                                         f"got {self.device!r}")
 
-            try:
-                torch.device(self.device)
-            except (RuntimeError, ValueError):
-                raise SettingError("device", f"must be auto or a torch device (cpu, cuda, cuda:1, mps ...), "
-                                             f"got {self.device!r}") from None
+
+def is_torch_device(name: str) -> bool:
+    """Whether torch reads ``name`` as a device ("cpu", "cuda:1", ...; not "auto", which is ours)."""
+    import torch
+
+    try:
+        torch.device(name)
+    except (RuntimeError, ValueError):
+        return False
+    return True
 
 
 def _at_least(cfg: object, names: tuple[str, ...], low: int) -> None:

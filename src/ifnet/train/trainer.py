@@ -28,7 +28,7 @@ from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS, to_binary
 from ifnet.models.checkpoint import load_checkpoint, load_training_state, recover_checkpoint, save_checkpoint
 from ifnet.models.ifnet import IFNet, compute_losses
 from ifnet.train import distributed as dist_utils
-from ifnet.train.config import TrainConfig
+from ifnet.train.config import TrainConfig, is_torch_device
 from ifnet.train.data import build_loader, make_dataset, repeat_factors
 from ifnet.train.ema import WeightEMA
 from ifnet.train.logs import MetricsLog, plot_curves
@@ -53,10 +53,9 @@ class TrainResult:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise IFNetError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, mps ...)") from None
+    if not is_torch_device(name):
+        raise IFNetError(f"device {name!r} is not a torch device (auto, cpu, cuda, cuda:1, mps ...)")
+    dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise IFNetError(f"device {name!r} requested but CUDA is not available")
     return dev
