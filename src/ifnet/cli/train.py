@@ -83,12 +83,11 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume: {out / LAST} not found (nothing to resume)")
     if has_run and not args.resume and not args.overwrite:
         raise IFNetError(f"{out}: already holds a run; use --resume to continue it or --overwrite to start afresh")
-    if args.resume and args.config is None and saved.exists():
-        cfg = resolve(TrainConfig, saved, args.overrides)  # JSON is YAML: the run's own config, then --set
-    else:
-        cfg = resolve(TrainConfig, args.config, args.overrides)
-    if args.resume and saved.exists():
-        conflict = resume_conflict(to_dict(resolve(TrainConfig, saved)), to_dict(cfg))
+    run_cfg = resolve(TrainConfig, saved) if args.resume and saved.exists() else None  # JSON is YAML
+    # with --resume and no --config: the run's own config, then --set
+    cfg = resolve(TrainConfig, saved if run_cfg is not None and args.config is None else args.config, args.overrides)
+    if run_cfg is not None:
+        conflict = resume_conflict(to_dict(run_cfg), to_dict(cfg))
         if conflict:
             raise UsageError(f"--resume: {saved}: {conflict}; the checkpoint was trained with the run's config "
                              f"(leave out --config to use it; --set may change only "

@@ -163,8 +163,8 @@ def _run_study(predictor: Any, study: Study, limits: ServeLimits, submitted: flo
                      "height": int(v.shape[0]), "dtype": str(v.dtype)} for u, v in zip(study.uploads, views)]
     from ifnet.inference import view_warnings
 
-    out["warnings"] = [w for u, v in zip(study.uploads, views)
-                       for w in view_warnings(u.label, v.shape[0], v.shape[1], predictor.describe().get("image_size"))]
+    size = predictor.describe().get("image_size")
+    out["warnings"] = [w for u, v in zip(study.uploads, views) for w in view_warnings(u.label, *v.shape[:2], size)]
     if len(views) > predictor.max_views:
         out["warnings"].append(f"this checkpoint reads {predictor.max_views} view(s); "
                                "the lateral image was not used")
