@@ -86,6 +86,81 @@ def test_scope_terminators(text, negated, kept):
     assert code(text, kept) == POSITIVE
 
 
+@pytest.mark.parametrize("text, expected", [
+    # a negated list after a finding: its "or" joins the list and does not make the finding uncertain
+    ("Left lower lobe pneumonia without effusion or pneumothorax.",
+     {"Pneumonia": POSITIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE}),
+    ("Cardiomegaly with no edema or effusion.", {"Cardiomegaly": POSITIVE, "Edema": NEGATIVE}),
+    ("Small left pleural effusion, no pneumothorax or consolidation.",
+     {"Pleural Effusion": POSITIVE, "Consolidation": NEGATIVE}),
+    ("Pneumonia or effusion.", {"Pneumonia": UNCERTAIN, "Pleural Effusion": UNCERTAIN}),
+    # a negated list, then a new item that starts with a size or course word
+    ("No pneumothorax, small left effusion.", {"Pneumothorax": NEGATIVE, "Pleural Effusion": POSITIVE}),
+    ("No pneumothorax and mild cardiomegaly.", {"Pneumothorax": NEGATIVE, "Cardiomegaly": POSITIVE}),
+    ("No pneumothorax and effusion.", {"Pneumothorax": NEGATIVE, "Pleural Effusion": NEGATIVE}),
+    ("Lungs are clear, no pneumothorax, small right effusion.",
+     {"Pneumothorax": NEGATIVE, "Pleural Effusion": POSITIVE, "No Finding": BLANK}),
+    ("No focal consolidation, large pleural effusion, or pneumothorax.",  # "large" inside a list stays negated
+     {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE}),
+    # "resolution of" / "removed" speak of the finding right after them, not of a new one later on
+    ("Interval resolution of the left effusion with new right lower lobe pneumonia.",
+     {"Pleural Effusion": NEGATIVE, "Pneumonia": POSITIVE}),
+    ("Resolved left effusion, persistent right lower lobe consolidation.",
+     {"Pleural Effusion": NEGATIVE, "Consolidation": POSITIVE}),
+    ("Right chest tube has been removed with a small residual pneumothorax.",
+     {"Support Devices": NEGATIVE, "Pneumothorax": POSITIVE}),
+    ("There has been removal of the right-sided PICC line.", {"Support Devices": NEGATIVE}),
+    # low probability and clinical questions
+    ("Pleural effusion is unlikely.", {"Pleural Effusion": NEGATIVE}),
+    ("Pneumonia is less likely.", {"Pneumonia": NEGATIVE}),
+    ("Unlikely pneumonia.", {"Pneumonia": NEGATIVE}),
+    ("Atelectasis, less likely pneumonia.", {"Atelectasis": POSITIVE, "Pneumonia": UNCERTAIN}),
+    ("Evaluate for pneumonia.", {"Pneumonia": UNCERTAIN}),
+    ("Clinical correlation recommended to exclude pneumonia.", {"Pneumonia": UNCERTAIN}),
+    # template answers
+    ("Pleural effusions: none.", {"Pleural Effusion": NEGATIVE}),
+    ("Pneumothorax - none.", {"Pneumothorax": NEGATIVE}),
+    ("Pneumothorax: no. Effusion: small.", {"Pneumothorax": NEGATIVE, "Pleural Effusion": POSITIVE}),
+    ("Pneumothorax - no change.", {"Pneumothorax": POSITIVE}),
+    ("Heart is not significantly enlarged.", {"Cardiomegaly": NEGATIVE}),
+    # abbreviations do not end a sentence; hard-wrapped lines are one sentence
+    ("Possible pneumonia vs. atelectasis.", {"Pneumonia": UNCERTAIN, "Atelectasis": UNCERTAIN}),
+    ("Atelectasis vs. pneumonia in the left base.", {"Pneumonia": UNCERTAIN, "Atelectasis": UNCERTAIN}),
+    ("There is no focal consolidation, pleural\n effusion or pneumothorax.",
+     {"Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE}),
+    ("No pleural\r\neffusion.", {"Pleural Effusion": NEGATIVE}),
+    ("Heart size is normal\nSmall left effusion", {"Cardiomegaly": NEGATIVE, "Pleural Effusion": POSITIVE}),
+])
+def test_scope_of_lists_courses_and_templates(text, expected):
+    labels = LAB.label(text)
+    assert {name: int(labels[OBSERVATIONS.index(name)]) for name in expected} == expected
+
+
+def test_long_sentences_are_labelled_in_near_linear_time():
+    # each mention bisects for its nearest cue; a 100 KB one-sentence report used to take seconds. Counted,
+    # not timed: the cue search visits O(log n) cues per mention, so doubling the text doubles the work.
+    import ifnet.labeler.context as context
+
+    calls = {"n": 0}
+    real = context._words_between
+
+    def counting(*args):
+        calls["n"] += 1
+        return real(*args)
+
+    unit = "no effusion or pneumothorax, possible atelectasis, "
+    counts = []
+    for repeat in (200, 400):
+        calls["n"] = 0
+        context._words_between = counting
+        try:
+            Labeler().label(unit * repeat)
+        finally:
+            context._words_between = real
+        counts.append(calls["n"])
+    assert counts[1] <= 2.2 * counts[0]
+
+
 def test_aggregation_prefers_positive_then_uncertain_then_negative():
     # one negative and one positive mention of the same finding: positive wins
     assert code("No right effusion. Small left pleural effusion.", "Pleural Effusion") == POSITIVE
@@ -141,6 +216,8 @@ def test_non_ascii_text(text, observation, expected):
 def test_sentence_splitting_keeps_decimals_and_question_marks():
     assert split_sentences("A 2.1 cm nodule. No effusion? Clear.. Done!") == [
         "A 2.1 cm nodule", "No effusion?", "Clear", "Done"]
+    assert split_sentences("Atelectasis vs. pneumonia, e.g. at the base, i.e. left. Approx. 2 cm.") == [
+        "Atelectasis vs. pneumonia, e.g. at the base, i.e. left", "Approx. 2 cm"]
     assert normalize("a\u2013b \u2018c\u2019") == "a-b 'c'"
 
 

@@ -253,12 +253,14 @@ def write_kaggle(folder: Path) -> tuple[Path, Path]:
 def test_kaggle_csv_form(tmp_path):
     reports, projections = write_kaggle(tmp_path)
     studies = read_kaggle_reports(reports, projections)
-    assert [s.image_ids for s in studies][0] == ("CXR1_IM-0001-3001", "CXR1_IM-0001-4001")
+    # study 1's OpenI (and R2Gen) ids carry an extra "_1" that Kaggle's file names drop
+    assert [s.image_ids for s in studies][0] == ("CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001")
+    assert studies[1].image_ids == ("CXR2_IM-0652-1001", "CXR2_IM-0652-2001")
     result = convert(studies, ConvertOptions(layout="kaggle", views="projection",
                                              projections=read_projections(projections)))
-    assert entries(result.annotation)["CXR1_IM-0001"]["image_path"] == ["1_IM-0001-4001.dcm.png",
-                                                                        "1_IM-0001-3001.dcm.png"]
-    assert entries(result.annotation)["CXR1_IM-0001"]["report"] == "Heart normal, lungs clear."
+    assert entries(result.annotation)["CXR1_1_IM-0001"]["image_path"] == ["1_IM-0001-4001.dcm.png",
+                                                                          "1_IM-0001-3001.dcm.png"]
+    assert entries(result.annotation)["CXR1_1_IM-0001"]["report"] == "Heart normal, lungs clear."
     assert reasons(result) == {"CXR2_IM-0652": "empty FINDINGS", "CXR3_IM-1384": "fewer than 2 images"}
 
 
@@ -301,6 +303,13 @@ def test_cli_end_to_end_with_skipped_list_and_overwrite(tmp_path, capsys):
     assert json.loads(as_json.read_text())[0]["reason"] == "empty FINDINGS"
 
 
+def test_unterminated_quote_in_a_csv_is_an_error(tmp_path):
+    reports, projections = write_kaggle(tmp_path)
+    reports.write_text('uid,findings,impression\n1,"unterminated\n2,a,b\n', encoding="utf-8")
+    with pytest.raises(DataError, match="malformed CSV: unexpected end of data"):
+        read_kaggle_reports(reports, projections)
+
+
 def test_cli_kaggle_form_finds_projections_beside_and_checks_images(tmp_path, capsys):
     reports, projections = write_kaggle(tmp_path)
     images = tmp_path / "images_normalized"
@@ -312,7 +321,7 @@ def test_cli_kaggle_form_finds_projections_beside_and_checks_images(tmp_path, ca
                  "--fractions", "0,0,1"]) == 0
     assert "layout kaggle, views by projection" in capsys.readouterr().out
     assert json.loads(out.read_text())["test"] == [{
-        "id": "CXR1_IM-0001", "report": "Heart normal, lungs clear.", "split": "test",
+        "id": "CXR1_1_IM-0001", "report": "Heart normal, lungs clear.", "split": "test",
         "image_path": ["1_IM-0001-4001.dcm.png", "1_IM-0001-3001.dcm.png"]}]
     projections.unlink()
     assert main(["convert-openi", "--kaggle-csv", str(reports), "--out", str(tmp_path / "b.json")]) == 2
@@ -373,7 +382,12 @@ def test_real_openi_archive_reproduces_r2gen_reports(shared_dir, iu_annotation_p
 def test_real_kaggle_csv_agrees_with_r2gen(shared_dir, iu_annotation_path):
     iu = shared_dir / "data" / "iu_xray"
     studies = read_kaggle_reports(iu / "indiana_reports.csv", iu / "indiana_projections.csv")
+    reference_data = json.loads(iu_annotation_path.read_text())
     ours = entries(convert(studies, ConvertOptions()).annotation)
-    reference = entries(json.loads(iu_annotation_path.read_text()))
-    same = sum(1 for i, e in reference.items() if i in ours and ours[i]["report"] == e["report"])
-    assert same / len(reference) >= 0.99  # only CXR1, whose Kaggle file names lack OpenI's "_1", differs
+    reference = entries(reference_data)
+    assert set(ours) == set(reference)  # CXR1_1_IM-0001 too, whose Kaggle file names lack OpenI's "_1"
+    assert all(ours[i]["report"] == e["report"] for i, e in reference.items())
+    split_from = {e["id"]: split for split, rows in reference_data.items() for e in rows}
+    same_split = convert(studies, ConvertOptions(split_from=split_from)).annotation
+    assert {k: sorted(e["id"] for e in v) for k, v in same_split.items()} == \
+        {k: sorted(e["id"] for e in v) for k, v in reference_data.items()}

@@ -102,6 +102,8 @@ def test_different_ids_are_listed(tmp_path, capsys):
     (json.dumps({"s1": []}),
      "study s1: value must be a report string or a list of report strings, got an empty list"),
     (json.dumps({"s1": ["a", 1]}), "got a list holding non-strings"),
+    ('{"s1": "x .", "s1": "y ."}', "key 's1' appears twice in one JSON object"),
+    (json.dumps({"s1": "   "}), "study s1: empty reference (no words left after cleaning)"),
 ])
 def test_bad_reference_files_name_file_and_study(tmp_path, capsys, content, message):
     refs = tmp_path / "refs.json"
@@ -136,6 +138,27 @@ def test_refuses_to_overwrite(files, tmp_path, capsys):
     assert out.read_text() == "keep me"
     assert main(args + ["--overwrite"]) == 0
     assert "BLEU_4" in json.loads(out.read_text())
+
+
+def test_out_and_per_study_must_be_different_files(files, tmp_path, capsys):
+    refs, hyps = files
+    out = tmp_path / "scores.json"
+    args = ["score", "--refs", str(refs), "--hyps", str(hyps), "--metrics", "BLEU", "--overwrite"]
+    assert main(args + ["--out", str(out), "--per-study", str(tmp_path / "." / "scores.json")]) == 2
+    assert "--out and --per-study are the same file" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_duplicate_hypothesis_ids_and_empty_predictions_reference_name_the_file(tmp_path, capsys):
+    refs = write(tmp_path / "refs.json", {"s1": "x ."})
+    hyps = tmp_path / "hyps.json"
+    hyps.write_text('{"s1": "a .", "s1": "b ."}', encoding="utf-8")
+    assert main(["score", "--refs", str(refs), "--hyps", str(hyps)]) == 1
+    assert f"{hyps}: key 's1' appears twice" in capsys.readouterr().err
+    predictions = write(tmp_path / "predictions.json", [{"id": "s1", "reference": " ", "generated": "a ."}])
+    assert main(["score", "--predictions", str(predictions), "--no-meteor"]) == 1
+    assert (f"{predictions}: study s1: field 'reference': empty reference (no words left after cleaning)"
+            in capsys.readouterr().err)
 
 
 def test_per_study_needs_a_known_extension(files, tmp_path, capsys):

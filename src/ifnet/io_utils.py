@@ -65,6 +65,21 @@ def check_writable_target(path: PathLike, overwrite: bool) -> Path:
     return p
 
 
+def check_distinct_targets(targets: dict) -> None:
+    """Raise a UsageError if two output options name the same file: ``{"--out": path, "--skipped": path}``
+    (``None`` values are ignored); otherwise the second write would silently replace the first."""
+    from ifnet.errors import UsageError
+
+    seen: dict = {}
+    for option, path in targets.items():
+        if path is None:
+            continue
+        key = Path(path).resolve()
+        if key in seen:
+            raise UsageError(f"{seen[key]} and {option} are the same file: {path}")
+        seen[key] = option
+
+
 def current_umask() -> int:
     """The process umask, read without changing it where Linux reports it (``/proc/self/status``); elsewhere
     by setting and restoring it (briefly visible to other threads)."""
@@ -139,14 +154,32 @@ def atomic_write_json(path: PathLike, obj: Any, *, indent: int | None = 2) -> No
     atomic_write_text(path, text + "\n")
 
 
+class _DuplicateKey(ValueError):
+    """A JSON object with the same key twice (``json`` would keep the last one silently)."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _DuplicateKey(key)
+            seen.add(key)
+    return out
+
+
 def read_json(path: PathLike) -> Any:
-    """Read a JSON file; a missing or malformed file is a one-line DataError naming it."""
+    """Read a JSON file; a missing or malformed file, or an object with a key twice (a duplicated study id
+    would otherwise be dropped silently), is a one-line DataError naming it."""
     from ifnet.errors import DataError
 
     p = Path(path)
     try:
         with open(p, encoding="utf-8") as fh:
-            return json.load(fh)
+            return json.load(fh, object_pairs_hook=_unique_keys)
+    except _DuplicateKey as e:
+        raise DataError(p, f"key {e.args[0]!r} appears twice in one JSON object (which one is meant?)") from None
     except FileNotFoundError:
         raise DataError(p, "file not found") from None
     except IsADirectoryError:

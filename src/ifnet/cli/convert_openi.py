@@ -18,7 +18,7 @@ from ifnet.data.openi import (DEFAULT_FRACTIONS, LAYOUTS, SECTIONS, SPLITS, Conv
                               Skipped, convert, detect_layout, read_kaggle_reports, read_openi_reports,
                               read_projections, read_split_from)
 from ifnet.errors import DataError, UsageError
-from ifnet.io_utils import atomic_write_json, atomic_write_text, check_writable_target
+from ifnet.io_utils import atomic_write_json, atomic_write_text, check_distinct_targets, check_writable_target
 
 HELP = "build an R2Gen-format annotation.json from the raw OpenI / Kaggle IU-Xray download"
 
@@ -100,8 +100,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _check_targets(out: Path, skipped: Optional[Path], overwrite: bool) -> None:
     targets = [out] + ([skipped] if skipped is not None else [])
-    if skipped is not None and skipped.resolve() == out.resolve():
-        raise UsageError(f"--out and --skipped are the same file: {out}")
+    check_distinct_targets({"--out": out, "--skipped": skipped})
     for target in targets:
         if target.is_dir():
             raise UsageError(f"{target}: is a folder; give a file name")

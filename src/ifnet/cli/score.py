@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence, Union
 
 from ifnet.errors import DataError, IFNetError, UsageError
-from ifnet.io_utils import atomic_write, atomic_write_json, check_writable_target, read_json
+from ifnet.io_utils import atomic_write, atomic_write_json, check_distinct_targets, check_writable_target, read_json
 from ifnet.labels import OBSERVATIONS
 
 HELP = "BLEU/METEOR/ROUGE-L/CIDEr and clinical efficacy of generated vs reference reports"
@@ -156,6 +156,7 @@ def format_table(scores: Mapping[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from ifnet.metrics import describe_id_mismatch, score_reports  # heavy: pycocoevalcap, numpy
+    from ifnet.metrics.scoring import EmptyReferenceError
 
     mixed = args.predictions is not None and (args.refs is not None or args.hyps is not None)
     incomplete = args.predictions is None and (args.refs is None or args.hyps is None)
@@ -165,6 +166,7 @@ def run(args: argparse.Namespace) -> int:
     if not metrics:
         raise IFNetError("--no-meteor leaves no metric to compute")
     # Check every output before spending minutes on scoring.
+    check_distinct_targets({"--out": args.out, "--per-study": args.per_study})
     if args.out is not None:
         check_writable_target(args.out, args.overwrite)
     if args.per_study is not None:
@@ -180,7 +182,12 @@ def run(args: argparse.Namespace) -> int:
         if mismatch:
             raise IFNetError(mismatch)
 
-    report = score_reports(refs, hyps, cleaner=args.cleaner, metrics=metrics, uncertain=args.uncertain)
+    try:
+        report = score_reports(refs, hyps, cleaner=args.cleaner, metrics=metrics, uncertain=args.uncertain)
+    except EmptyReferenceError as e:
+        source = args.predictions if args.predictions is not None else args.refs
+        raise DataError(source, "empty reference (no words left after cleaning)", record=e.study,
+                        field="reference" if args.predictions is not None else None) from None
     print(format_table(report.scores))
     if args.out is not None:
         atomic_write_json(args.out, {**report.scores, "cleaner": args.cleaner, "num_studies": len(refs)})

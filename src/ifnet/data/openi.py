@@ -260,7 +260,7 @@ def _read_csv(path: PathLike, required: Sequence[str]) -> list[tuple[int, dict[s
     p = Path(path)
     try:
         with open(p, encoding="utf-8-sig", newline="") as fh:
-            reader = csv.DictReader(fh)
+            reader = csv.DictReader(fh, strict=True)  # an unterminated quote is an error, not one long field
             columns = reader.fieldnames or []
             for name in required:
                 if name not in columns:
@@ -291,6 +291,20 @@ def read_projections(path: PathLike) -> dict[str, str]:
     return table
 
 
+#: OpenI image ids that do not follow ``CXR<uid>_IM-...``: study 1's carry an extra ``_1`` (the only ones in the
+#: 3,955 OpenI XMLs), which Kaggle's file names drop.
+_OPENI_ID_PREFIX = {"1": "CXR1_1_"}
+
+
+def openi_image_id(uid: str, kaggle_stem: str) -> str:
+    """The OpenI image id of a Kaggle file name stem: ``("2384", "2384_IM-0942-1001")`` -> ``CXR2384_IM-0942-1001``,
+    ``("1", "1_IM-0001-4001")`` -> ``CXR1_1_IM-0001-4001`` (R2Gen's ids are OpenI's)."""
+    head = f"{uid}_"
+    if kaggle_stem.startswith(head):
+        return _OPENI_ID_PREFIX.get(uid, f"CXR{uid}_") + kaggle_stem[len(head):]
+    return "CXR" + kaggle_stem
+
+
 def read_kaggle_reports(reports_csv: PathLike, projections_csv: PathLike) -> list[Study]:
     """Studies from Kaggle's ``indiana_reports.csv`` with their images from ``indiana_projections.csv``."""
     images: dict[str, list[str]] = {}
@@ -299,7 +313,8 @@ def read_kaggle_reports(reports_csv: PathLike, projections_csv: PathLike) -> lis
         stem = name[: -len(".dcm.png")] if name.endswith(".dcm.png") else name.rsplit(".", 1)[0]
         if not stem:
             raise DataError(projections_csv, f"line {line}: empty file name", field="filename")
-        images.setdefault(row["uid"].strip(), []).append("CXR" + stem)
+        uid = row["uid"].strip()
+        images.setdefault(uid, []).append(openi_image_id(uid, stem))
     studies = []
     for line, row in _read_csv(reports_csv, ("uid", "findings", "impression")):
         uid = row["uid"].strip()

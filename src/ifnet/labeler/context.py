@@ -20,7 +20,7 @@ as in the CheXpert labeler.
 from __future__ import annotations
 
 import re
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
 from typing import List, Optional, Pattern, Sequence, Tuple
 
@@ -63,8 +63,15 @@ PRE_NEGATION = _alternation([
     r"resolution of", r"resolved", r"removal of", r"removed", r"interval removal of",
     r"cleared", r"clearing of", r"no longer", r"not seen", r"fails? to (?:show|demonstrate|reveal)",
     r"(?:did|does|do) not (?:show|demonstrate|reveal)", r"no visible", r"no visualized",
-    r"no demonstrable",
+    r"no demonstrable", r"unlikely",
 ])
+
+#: Pre-negations that speak of one earlier finding or device ("resolution of the left effusion", "removal of
+#: the right-sided PICC line"): they reach only this many words and stop at "with" or "new", so
+#: "resolution of the effusion with new right lower lobe pneumonia" does not negate the pneumonia.
+SHORT_REACH_NEGATION = re.compile(r"(?:interval )?(?:resolution of|resolved|removal of|removed|cleared|clearing of)")
+SHORT_REACH_WINDOW = 5
+SHORT_REACH_STOP = re.compile(r"(?<![\w-])(?:with|new)(?![\w-])")
 
 POST_NEGATION = _alternation([
     _BE + r" (?:not|no longer) (?:(?:well|clearly|definitely|convincingly|readily) )?" + _SEEN,
@@ -72,7 +79,14 @@ POST_NEGATION = _alternation([
     _BE + r" absent", r"absent", _BE + r" (?:resolved|removed|cleared|gone)", r"(?:has|have) (?:resolved|cleared)",
     r"resolved", r"(?:is|are|was|were) negative", _BE + r" ruled out", r"(?:is|are|was|were) excluded",
     r"(?:has|have) been (?:removed|withdrawn)",
+    # "pleural effusion is unlikely": a low probability reads as a negative finding, as radiologists mean it
+    # (a verb is required: in "atelectasis, less likely pneumonia" the cue looks forward, at the pneumonia)
+    r"(?:is|are|was|were|seems?|appears?) (?:very |highly |felt to be |thought to be )?(?:unlikely|less likely)",
 ])
+
+#: Template answers after a colon or dash ("Pneumothorax: none.", "Pleural effusion - no"): a post-negation
+#: whose match starts with the colon, so the colon (a scope terminator) does not cut it off.
+TEMPLATE_NEGATION = re.compile(r"\s*[:-]\s*(?:none|no|negative|absent|not seen)(?![\w-])")
 
 PRE_UNCERTAINTY = _alternation([
     r"possible", r"possibly", r"probable", r"probably", r"likely", r"most likely", r"presumed",
@@ -86,6 +100,8 @@ PRE_UNCERTAINTY = _alternation([
     r"raises? the (?:possibility|question) of", r"consider", r"considered", r"consideration of",
     r"may represent", r"could represent", r"which may", r"or", r"and/or", r"either",
     r"not definitely", r"not clearly",
+    # clinical questions: "evaluate for pneumonia", "to exclude pneumothorax"
+    r"evaluate for", r"evaluation for", r"assess for", r"assessment for", r"to exclude", r"exclude",
 ], punctuation="?")
 
 POST_UNCERTAINTY = _alternation([
@@ -103,6 +119,12 @@ TERMINATORS = _alternation([
     r"with the exception of", r"there (?:is|are|has been|have been|was|were)",
     r"(?:is|are) (?:again )?(?:seen|noted|present|identified)",
 ], punctuation=";:")
+
+#: A list item that starts with a size or course word after a comma or "and" begins a new, positive
+#: statement: "no pneumothorax, small left effusion", "no pneumothorax and mild cardiomegaly".
+#: ("large", "severe" and "marked" are left out: "no consolidation, large effusion, or pneumothorax" is a list.)
+LIST_BREAK = re.compile(r"(?:,\s*(?:and\s+)?|\s+and\s+)(?=(?:small|mild|mildly|moderate|moderately|trace|minimal|tiny|new|persistent|"
+                        r"residual|increased|increasing|worsening|worsened)(?![\w-]))")
 
 
 @dataclass(frozen=True)
@@ -123,16 +145,31 @@ def _overlaps(a: Cue, b: Cue) -> bool:
     return a.start < b.end and b.start < a.end
 
 
+class Cues(tuple):
+    """Cues of one kind in one sentence, in reading order (they do not overlap, so their ends are in
+    order too), with their start and end offsets kept for bisection."""
+
+    starts: Tuple[int, ...]
+    ends: Tuple[int, ...]
+
+    def __new__(cls, cues: Sequence[Cue]) -> "Cues":
+        self = super().__new__(cls, sorted(cues, key=lambda c: c.start))
+        self.starts = tuple(c.start for c in self)
+        self.ends = tuple(c.end for c in self)
+        return self
+
+
 @dataclass(frozen=True)
 class SentenceContext:
     """All cues and terminators of one lowercased sentence, found once and reused per mention."""
 
-    pre_negation: Tuple[Cue, ...]
-    post_negation: Tuple[Cue, ...]
-    pre_uncertainty: Tuple[Cue, ...]
-    post_uncertainty: Tuple[Cue, ...]
+    pre_negation: Cues
+    post_negation: Cues
+    pre_uncertainty: Cues
+    post_uncertainty: Cues
     terminators: Tuple[Tuple[int, int], ...]
     word_starts: Tuple[int, ...]
+    sentence: str
 
 
 # Uncertainty cues that contain a negation word; they switch off the negation cue they overlap.
@@ -146,16 +183,18 @@ def analyse_sentence(sentence: str) -> SentenceContext:
     post_unc = _spans(POST_UNCERTAINTY, sentence, "post-uncertainty")
     blockers = pseudo + [c for c in pre_unc + post_unc if _NEGATED_UNCERTAINTY.search(c.text)]
 
-    def keep(cues: List[Cue]) -> Tuple[Cue, ...]:
-        return tuple(c for c in cues if not any(_overlaps(c, b) for b in blockers))
+    def keep(cues: List[Cue]) -> Cues:
+        return Cues([c for c in cues if not any(_overlaps(c, b) for b in blockers)])
 
     pre_neg = keep(_spans(PRE_NEGATION, sentence, "pre-negation"))
-    post_neg = keep(_spans(POST_NEGATION, sentence, "post-negation"))
+    post_neg = keep(_spans(POST_NEGATION, sentence, "post-negation")
+                    + _spans(TEMPLATE_NEGATION, sentence, "post-negation"))
     # Uncertainty cues are all kept ("not excluded" reads as uncertain); a pseudo-negation such as
     # "no change" is a cue of neither kind.
-    terms = tuple((m.start(), m.end()) for m in TERMINATORS.finditer(sentence))
+    terms = tuple(sorted([(m.start(), m.end()) for m in TERMINATORS.finditer(sentence)]
+                         + [(m.start(), m.end()) for m in LIST_BREAK.finditer(sentence)]))
     words = tuple(m.start() for m in _WORD.finditer(sentence))
-    return SentenceContext(pre_neg, post_neg, tuple(pre_unc), tuple(post_unc), terms, words)
+    return SentenceContext(pre_neg, post_neg, Cues(pre_unc), Cues(post_unc), terms, words, sentence)
 
 
 
@@ -164,33 +203,44 @@ def _words_between(ctx: SentenceContext, start: int, end: int) -> int:
 
 
 def _terminated(ctx: SentenceContext, start: int, end: int) -> bool:
-    return any(start <= t0 and t1 <= end for t0, t1 in ctx.terminators)
+    """Whether a terminator lies wholly inside ``[start, end)``. Terminators are sorted and do not
+    overlap, so the first one starting at or after ``start`` is the only one to check."""
+    i = bisect_left(ctx.terminators, (start, -1))
+    return i < len(ctx.terminators) and ctx.terminators[i][1] <= end
 
 
-def _pre_cue(cues: Sequence[Cue], ctx: SentenceContext, start: int, window: int) -> Optional[Cue]:
-    """The closest cue that ends before ``start`` and reaches it."""
-    best: Optional[Cue] = None
-    for cue in cues:
-        if cue.end > start:
-            continue
-        if _words_between(ctx, cue.end, start) > window or _terminated(ctx, cue.end, start):
-            continue
-        if best is None or cue.end > best.end:
-            best = cue
-    return best
+def _pre_cue(cues: Cues, ctx: SentenceContext, start: int, window: int) -> Optional[Cue]:
+    """The closest cue that ends before ``start``, if it reaches it. Cues of one kind do not overlap, so
+    they are sorted by end as by start; a farther cue spans everything the closest one does (and more
+    words), so when the closest does not reach the mention no cue does: one bisection per mention."""
+    i = bisect_right(cues.ends, start) - 1
+    if i < 0:
+        return None
+    cue = cues[i]
+    if SHORT_REACH_NEGATION.fullmatch(cue.text):
+        if SHORT_REACH_STOP.search(ctx.sentence, cue.end, start):
+            return None
+        window = min(window, SHORT_REACH_WINDOW)
+    if _words_between(ctx, cue.end, start) > window or _terminated(ctx, cue.end, start):
+        return None
+    return cue
 
 
-def _post_cue(cues: Sequence[Cue], ctx: SentenceContext, end: int, window: int) -> Optional[Cue]:
-    """The closest cue that starts after ``end`` and reaches back to it."""
-    best: Optional[Cue] = None
-    for cue in cues:
-        if cue.start < end:
-            continue
-        if _words_between(ctx, end, cue.start) > window or _terminated(ctx, end, cue.start):
-            continue
-        if best is None or cue.start < best.start:
-            best = cue
-    return best
+def _post_cue(cues: Cues, ctx: SentenceContext, end: int, window: int) -> Optional[Cue]:
+    """The closest cue that starts after ``end``, if it reaches back to it. A pre-negation in between
+    claims the cue for the negated phrase it opens: in "pneumonia without effusion or pneumothorax" the
+    "or" joins the negated list and does not make the pneumonia uncertain."""
+    i = bisect_left(cues.starts, end)
+    if i == len(cues):
+        return None
+    cue = cues[i]
+    if _words_between(ctx, end, cue.start) > window or _terminated(ctx, end, cue.start):
+        return None
+    negs = ctx.pre_negation
+    j = bisect_left(negs.starts, end)
+    if j < len(negs) and negs.ends[j] <= cue.start:
+        return None
+    return cue
 
 
 def negation_cue(ctx: SentenceContext, start: int, end: int) -> Optional[Cue]:

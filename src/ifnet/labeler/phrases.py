@@ -77,8 +77,8 @@ PHRASES: Dict[str, ObservationPhrases] = {
         ),
         normal=(
             r"(?:heart|cardiac silhouette|heart size|cardiac size|cardiac contours?|cardiac shadow)"
-            + _NORMAL_FILL + r"(?:normal|within normal limits|not enlarged|unremarkable|normal in size|"
-            r"nonenlarged|non-enlarged)",
+            + _NORMAL_FILL + r"(?:normal|within normal limits|not (?:significantly |substantially |markedly )?enlarged|"
+            r"unremarkable|normal in size|nonenlarged|non-enlarged)",
             r"normal (?:heart|cardiac)(?: size| silhouette| contours?)?",
             r"(?:heart|cardiac) size (?:is )?(?:within )?normal",
             # "heart size, mediastinal contour and vascularity are within normal limits"

@@ -25,9 +25,15 @@ _PUNCT_MAP = str.maketrans({
 })
 
 # A sentence is a run of text up to ".", "!", "?" or a newline; a period between two digits
-# ("2.1 cm") does not end it. A trailing "?" stays in the sentence because it is an uncertainty
-# cue ("pneumonia?"); empty pieces from runs such as ".." (common in IU-Xray) are dropped.
-_SENTENCE = re.compile(r"(?:[^.!?\n]|(?<=\d)\.(?=\d))+\??")
+# ("2.1 cm") or of an abbreviation ("vs.", "e.g.", "i.e.", "approx.") does not end it. A trailing "?"
+# stays in the sentence because it is an uncertainty cue ("pneumonia?"); empty pieces from runs such as
+# ".." (common in IU-Xray) are dropped.
+_ABBREVIATION_DOT = r"(?i:(?<=\bvs)\.|(?<=\bapprox)\.|(?<=\be)\.(?=g\.)|(?<=\be\.g)\.|(?<=\bi)\.(?=e\.)|(?<=\bi\.e)\.)"
+_SENTENCE = re.compile(r"(?:[^.!?\n]|(?<=\d)\.(?=\d)|" + _ABBREVIATION_DOT + r")+\??")
+# A hard-wrapped line (MIMIC-CXR reports break lines inside sentences): a newline after a character that
+# does not end a sentence, before a line that starts in lower case, is a space ("no pleural\n effusion").
+# A line that starts in upper case, or follows ".", ":" or ";", stays a sentence of its own (template lists).
+_WRAP = re.compile(r"(?<=[^.!?:;\n\s])[ ]*\n[ ]*(?=[a-z])")
 _SPACES = re.compile(r"[ ]{2,}")
 
 
@@ -39,8 +45,8 @@ def normalize(text: str) -> str:
     """
     if not isinstance(text, str):
         raise TypeError(f"report text must be str, not {type(text).__name__}")
-    text = unicodedata.normalize("NFKC", text).translate(_PUNCT_MAP)
-    return _SPACES.sub(" ", text)
+    text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").translate(_PUNCT_MAP)
+    return _SPACES.sub(" ", _WRAP.sub(" ", text))
 
 
 def split_sentences(text: str) -> List[str]:

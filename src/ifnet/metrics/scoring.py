@@ -47,6 +47,15 @@ class ScoringInputError(IFNetError, ValueError):
     """Inputs that cannot be scored (mismatched ids, empty references, bad labels). One line."""
 
 
+class EmptyReferenceError(ScoringInputError):
+    """A reference with no words left after cleaning; ``study`` names it, so a caller that knows the file
+    can name that too."""
+
+    def __init__(self, study: str) -> None:
+        self.study = study
+        super().__init__(f"study {study}: empty reference (no words left after cleaning)")
+
+
 @dataclass
 class ScoreReport:
     """Corpus scores plus one row per study (what ``ifnet score --per-study`` writes)."""
@@ -184,7 +193,7 @@ def score_reports(refs: Mapping[Any, Reference], hyps: Mapping[Any, Hypothesis],
     for study in ids:
         prepared_refs = [prepare(r) for r in _as_list(refs[study], "reference", study)]
         if not all(prepared_refs):
-            raise ScoringInputError(f"study {study}: empty reference")
+            raise EmptyReferenceError(study)
         hyp_list = _as_list(hyps[study], "hypothesis", study)
         if len(hyp_list) != 1:
             raise ScoringInputError(f"study {study}: expected one hypothesis, got {len(hyp_list)}")
