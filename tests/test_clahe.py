@@ -39,8 +39,29 @@ def test_equals_opencv_called_directly(dtype, clip, grid):
         img = img * np.uint16(257) + np.uint16(3)  # uses the 16-bit range, not just 8 bits in 16
     out = CLAHE(clip_limit=clip, tile_grid=grid)(img)
     assert out.dtype == dtype and out.shape == img.shape
-    np.testing.assert_array_equal(out, opencv_direct(img, clip, grid))
+    if dtype == np.uint16:  # equalised on 256 grey levels: OpenCV's 8-bit CLAHE of the rounded image, x 257
+        rounded = np.rint(img / 257.0).astype(np.uint8)
+        np.testing.assert_array_equal(out, opencv_direct(rounded, clip, grid).astype(np.uint16) * 257)
+    else:
+        np.testing.assert_array_equal(out, opencv_direct(img, clip, grid))
     assert not np.array_equal(out, img)  # it did something
+
+
+@pytest.mark.parametrize("clip", [1.0, 1.7, 4.0])
+def test_sixteen_bit_copy_of_an_image_gives_the_same_pixels(clip):
+    # The same X-ray as an 8-bit PNG and as a 16-bit PNG or DICOM (x 257) must reach the model identically.
+    # OpenCV's own 16-bit CLAHE does not: with 65,536 bins its clip limit floors at one count per bin.
+    img8 = cv2.resize(hand_made_uint8(), (256, 256), interpolation=cv2.INTER_LINEAR)
+    img16 = img8.astype(np.uint16) * np.uint16(257)
+    out8, out16 = CLAHE(clip_limit=clip)(img8), CLAHE(clip_limit=clip)(img16)
+    np.testing.assert_array_equal(out16, out8.astype(np.uint16) * 257)
+    np.testing.assert_array_equal(out16 / 65535.0, out8 / 255.0)
+    assert not np.array_equal(opencv_direct(img16, clip, 8) // 257, out8)  # what OpenCV alone would give
+
+
+def test_clip_limit_matters_for_sixteen_bit_images():
+    img16 = cv2.resize(hand_made_uint8(), (256, 256)).astype(np.uint16) * np.uint16(257)
+    assert not np.array_equal(CLAHE(clip_limit=1.0)(img16), CLAHE(clip_limit=40.0)(img16))
 
 
 def test_defaults_are_the_papers():
@@ -60,10 +81,10 @@ def test_constant_image_hand_computed():
 
 
 def test_constant_image_hand_computed_uint16():
-    # Same reasoning with 65536 bins: residual step 65536 // 3 = 21845, bins 0, 21845 and the
-    # pixel bin 25700 are <= 25700, so 3 * 65535 / 4 = 49151.25 -> 49151.
+    # 25700 = 100 x 257 rounds to grey level 100, which the 8-bit case above maps to 191; back to 16 bits
+    # that is 191 x 257 = 49087.
     img = np.full((16, 16), 25700, np.uint16)
-    np.testing.assert_array_equal(CLAHE()(img), np.full((16, 16), 49151, np.uint16))
+    np.testing.assert_array_equal(CLAHE()(img), np.full((16, 16), 49087, np.uint16))
 
 
 def test_non_contiguous_input_and_input_not_modified():

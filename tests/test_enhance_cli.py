@@ -140,7 +140,8 @@ def test_missing_in_dir_and_bad_options(tmp_path, capsys):
     assert enhance(tmp_path / "nope", tmp_path / "out") == 2
     err = capsys.readouterr().err.strip()
     assert err == f"ifnet enhance: error: IN_DIR {tmp_path / 'nope'}: no such folder"
-    for bad in (["--workers", "0"], ["--clip-limit", "0"], ["--clip-limit", "nan"], ["--tile-grid", "x"]):
+    for bad in (["--workers", "0"], ["--clip-limit", "0"], ["--clip-limit", "nan"], ["--tile-grid", "x"],
+                ["--tile-grid", "100000"]):
         with pytest.raises(SystemExit) as info:
             enhance(tmp_path, tmp_path / "out", *bad)
         assert info.value.code == 2
@@ -174,6 +175,53 @@ def test_newer_input_is_reprocessed(tree, tmp_path, capsys):
     assert enhance(tree, out) == 0
     assert capsys.readouterr().out.strip() == "enhanced 1, skipped 3 (up to date), failed 0"
     np.testing.assert_array_equal(read_xray(out / "a/x.png"), CLAHE()(_image(9)))
+
+
+def test_input_replaced_by_an_older_file_is_reprocessed(tree, tmp_path, capsys):
+    # cp -p / rsync -a / a restore from backup: the new input is dated before the output, yet it changed
+    out = tmp_path / "out"
+    assert enhance(tree, out) == 0
+    cv2.imwrite(str(tree / "a" / "x.png"), _image(9))
+    os.utime(tree / "a" / "x.png", ns=(10**18, 10**18))  # 2001: older than everything
+    capsys.readouterr()
+    assert enhance(tree, out) == 0
+    assert capsys.readouterr().out.strip() == "enhanced 1, skipped 3 (up to date), failed 0"
+    np.testing.assert_array_equal(read_xray(out / "a/x.png"), CLAHE()(_image(9)))
+    assert read_stored_info(out / "a/x.png")["source"]["mtime_ns"] == 10**18
+
+
+def test_enhanced_outputs_are_not_enhanced_again(tree, tmp_path, capsys):
+    out, again = tmp_path / "out", tmp_path / "again"
+    assert enhance(tree, out) == 0
+    capsys.readouterr()
+    assert enhance(out, again) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "enhanced 0, skipped 0 (up to date), failed 4"
+    assert "is itself an output of ifnet enhance (CLAHE applied" in captured.err
+    assert not again.exists() or not any(again.rglob("*.png"))
+    # a lossless copy (mode none) did not apply CLAHE: enhancing it is the first CLAHE
+    copy = tmp_path / "copy"
+    assert enhance_tree(tree, copy, EnhanceSettings(mode="none")).failed == 0
+    assert enhance(copy, tmp_path / "from_copy") == 0
+    np.testing.assert_array_equal(read_xray(tmp_path / "from_copy" / "a/x.png"), read_xray(out / "a/x.png"))
+
+
+def test_unreadable_subfolder_is_a_failure(tree, tmp_path, capsys, monkeypatch):
+    # (root ignores permission bits, so the listing error is injected where os.walk lists folders)
+    real = os.scandir
+    locked = tree / "a" / "b"
+
+    def scandir(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    out = tmp_path / "out"
+    assert enhance(tree, out) == 1
+    captured = capsys.readouterr()
+    assert captured.out.strip() == "enhanced 3, skipped 0 (up to date), failed 1"
+    assert f"{locked}: cannot list this folder (Permission denied); its images were not enhanced" in captured.err
 
 
 def test_foreign_file_in_out_dir_is_kept_unless_overwrite(tree, tmp_path, capsys):

@@ -24,6 +24,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _tile_grid(text: str) -> int:
+    from ifnet.iec.clahe import MAX_TILE_GRID
+
+    value = _positive_int(text)
+    if value > MAX_TILE_GRID:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_TILE_GRID}, got {value}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     try:
         value = float(text)
@@ -38,15 +47,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (
         "Apply CLAHE (OpenCV, grayscale) to every PNG/JPEG/DICOM under IN_DIR and write lossless "
         "PNGs to OUT_DIR with the same folder layout (x.jpg and x.dcm become x.png; DICOM gives "
-        "16-bit PNG). IN_DIR is never modified. Outputs that are up to date (newer than the input "
-        "and made with the same parameters) are skipped, so a re-run changes nothing; a file in OUT_DIR "
+        "16-bit PNG; 16-bit images are equalised on 256 grey levels, so an 8-bit and a 16-bit copy of one X-ray "
+        "give the same pixels). IN_DIR is never modified, and a file that is itself an output of enhance is "
+        "not enhanced again. Outputs that are up to date (made from this very input file, by size and "
+        "modification time, and with the same parameters) are skipped, so a re-run changes nothing; a file in OUT_DIR "
         "that enhance did not write is never replaced without --overwrite.")
     parser.add_argument("in_dir", metavar="IN_DIR", help="folder of input images (searched recursively)")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="folder for the enhanced PNGs (created if needed)")
     parser.add_argument("--clip-limit", type=_positive_float, default=1.7,
                         help="CLAHE clip limit, in multiples of the mean histogram bin (default: 1.7, the paper's)")
-    parser.add_argument("--tile-grid", type=_positive_int, default=8,
-                        help="CLAHE tiles per side: the image is split into N x N tiles (default: 8)")
+    parser.add_argument("--tile-grid", type=_tile_grid, default=8,
+                        help="CLAHE tiles per side: the image is split into N x N tiles (default: 8; at most 64)")
     parser.add_argument("--mode", choices=("clahe", "adaptive"), default="clahe",
                         help="clahe: enhance every image (default). adaptive: enhance only images "
                              "judged low quality (raised black level or low white level, see "

@@ -8,6 +8,10 @@ The same objects serve both uses, so they give identical pixels:
 * the data pipeline (on the fly, chosen by name through :func:`build_enhancer`).
 
 Input is what :func:`ifnet.data.images.read_xray` returns: a 2-D ``uint8`` or ``uint16`` array.
+A ``uint16`` image is equalised on 256 grey levels (rounded to 8 bits, CLAHE, scaled back by 257): the clip
+limit is defined on a 256-bin histogram, and OpenCV's 16-bit CLAHE, with 65,536 bins, clips every bin at one
+count whatever the limit, which is plain histogram equalisation. So the same X-ray gives the same enhanced
+pixels whether it arrives as an 8-bit PNG, a 16-bit PNG or a DICOM.
 Colour images are converted to gray by the caller (``read_xray`` already does), never here: a
 transform that silently picked a channel would hide a pipeline bug.
 """
@@ -27,6 +31,10 @@ from ifnet.iec.quality import LowQualityCriterion, QualityReport
 SUPPORTED_DTYPES = (np.dtype(np.uint8), np.dtype(np.uint16))
 
 Enhancer = Callable[[np.ndarray], np.ndarray]
+
+#: Largest tile grid accepted: 64 x 64 tiles is already 4-pixel tiles on a 256-pixel image, and OpenCV
+#: allocates a lookup table per tile (a grid of 100,000 asks for hundreds of gigabytes).
+MAX_TILE_GRID = 64
 
 
 class EnhancementConfigError(IFNetError, ValueError):
@@ -60,6 +68,8 @@ def _check_params(clip_limit: object, tile_grid: object) -> None:
         raise EnhancementConfigError(f"clip_limit must be a positive number, got {clip_limit!r}")
     if isinstance(tile_grid, bool) or not isinstance(tile_grid, (int, np.integer)) or tile_grid < 1:
         raise EnhancementConfigError(f"tile_grid must be a positive integer, got {tile_grid!r}")
+    if tile_grid > MAX_TILE_GRID:
+        raise EnhancementConfigError(f"tile_grid must be at most {MAX_TILE_GRID} (tiles per side), got {tile_grid!r}")
 
 
 @dataclass(frozen=True)
@@ -88,6 +98,10 @@ class CLAHE:
         # mutable OpenCV state (safe across threads and after fork).
         clahe = cv2.createCLAHE(clipLimit=float(self.clip_limit),
                                 tileGridSize=(int(self.tile_grid), int(self.tile_grid)))
+        if img.dtype == np.uint16:  # 256 grey levels, as the clip limit means (module docstring)
+            from ifnet.data.images import to_uint8
+
+            return clahe.apply(np.ascontiguousarray(to_uint8(img))).astype(np.uint16) * np.uint16(257)
         return clahe.apply(np.ascontiguousarray(img))
 
 

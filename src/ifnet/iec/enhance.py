@@ -42,7 +42,8 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".dcm", ".dicom"})
 #: Keyword of the PNG tEXt chunk holding the parameters an output was made with.
 PARAMS_KEYWORD = b"ifnet-enhance"
 #: Version of what the chunk stores; bump if the output of the same parameters would change.
-OUTPUT_FORMAT = 1
+#: 2: 16-bit images are equalised on 256 grey levels (ifnet.iec.clahe); the input's size and mtime are stored.
+OUTPUT_FORMAT = 2
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -175,11 +176,18 @@ def check_folders(in_dir: Path, out_dir: Path, *, in_place: bool) -> Tuple[Path,
     return src_root, dst_root
 
 
-def _walk(src_root: Path, dst_root: Path) -> Tuple[List[Path], int]:
-    """Image files under ``src_root`` (relative paths, sorted) and the count of other files."""
+def _walk(src_root: Path, dst_root: Path) -> Tuple[List[Path], int, List[str]]:
+    """Image files under ``src_root`` (relative paths, sorted), the count of other files, and one failure
+    message per folder that could not be listed (its images would otherwise be left out silently)."""
     images: List[Path] = []
     ignored = 0
-    for dirpath, dirnames, filenames in os.walk(src_root):
+    unreadable: List[str] = []
+
+    def note(error: OSError) -> None:
+        unreadable.append(f"{error.filename}: cannot list this folder ({error.strerror or error}); "
+                          "its images were not enhanced")
+
+    for dirpath, dirnames, filenames in os.walk(src_root, onerror=note):
         here = Path(dirpath)
         # Never descend into OUT_DIR (possible with --in-place): outputs are not inputs.
         dirnames[:] = sorted(d for d in dirnames
@@ -191,17 +199,17 @@ def _walk(src_root: Path, dst_root: Path) -> Tuple[List[Path], int]:
                 images.append((here / name).relative_to(src_root))
             else:
                 ignored += 1
-    return images, ignored
+    return images, ignored, unreadable
 
 
 def plan(src_root: Path, dst_root: Path, *, in_place: bool) -> Tuple[List[Job], List[str], int]:
     """(jobs, failure messages for inputs that cannot be done, ignored-file count)."""
-    rels, ignored = _walk(src_root, dst_root)
+    rels, ignored, unreadable = _walk(src_root, dst_root)
     by_output: Dict[Path, List[Path]] = {}
     for rel in rels:
         by_output.setdefault(output_relpath(rel), []).append(rel)
     jobs: List[Job] = []
-    failures: List[str] = []
+    failures: List[str] = list(unreadable)
     for out_rel, ins in by_output.items():
         dst = dst_root / out_rel
         if len(ins) > 1 and in_place and dst_root == src_root and out_rel in ins and len(ins) == 2 \
@@ -229,6 +237,12 @@ def freshness(job: Job, params: dict, *, overwrite: bool = False) -> Tuple[str, 
     """("fresh" | "stale" | "conflict", message). A conflict is an in-place file already
     enhanced with other parameters (enhancing it again would apply CLAHE twice), or a file in
     OUT_DIR that ``ifnet enhance`` did not write (the user's: replaced only with ``overwrite``)."""
+    if job.dst != job.src:
+        own = read_stored_info(job.src)
+        if own is not None and own.get("clahe_applied"):
+            return "conflict", (f"{job.src}: is itself an output of ifnet enhance (CLAHE applied with "
+                                f"{json.dumps(own.get('params'))}); enhancing it again would apply CLAHE twice. "
+                                "Enhance the original images instead")
     try:
         dst_stat = os.stat(job.dst)
         src_stat = os.stat(job.src)
@@ -249,7 +263,16 @@ def freshness(job: Job, params: dict, *, overwrite: bool = False) -> Tuple[str, 
                             f"(move it away, or pass --overwrite to replace it with the enhanced {job.src})")
     if stored_params != params or dst_stat.st_mtime_ns < src_stat.st_mtime_ns:
         return "stale", ""
+    if stored.get("source") != source_stamp(src_stat):  # the input was replaced, even by an older-dated file
+        return "stale", ""
     return "fresh", ""
+
+
+def source_stamp(st: os.stat_result) -> dict:
+    """What identifies the input an output was made from: its size and modification time (ns). Stored in
+    the output, so an input replaced by another file (``cp -p``, ``rsync -a``, a restore from backup: an
+    older mtime than the output's) still makes the output stale."""
+    return {"size": int(st.st_size), "mtime_ns": int(st.st_mtime_ns)}
 
 
 # -- doing ----------------------------------------------------------------------------------------
@@ -266,6 +289,7 @@ def enhance_one(job: Job, settings: EnhanceSettings, params: dict) -> _Result:
     from ifnet.data.images import read_xray
 
     try:
+        before = os.stat(job.src)
         img = read_xray(job.src)
         enhancer = settings.enhancer()
         if isinstance(enhancer, AdaptiveCLAHE):
@@ -273,9 +297,11 @@ def enhance_one(job: Job, settings: EnhanceSettings, params: dict) -> _Result:
             applied = verdict.low_quality
         else:
             out, applied = enhancer(img), settings.mode != "none"
-        data = encode_png(out, {"params": params, "clahe_applied": applied})
+        data = encode_png(out, {"params": params, "clahe_applied": applied, "source": source_stamp(before)})
     except IFNetError as e:
         return _Result(False, str(e))
+    except OSError as e:
+        return _Result(False, f"{job.src}: cannot read: {e.strerror or e}")
     try:
         atomic_write_bytes(job.dst, data)
         src_mtime = os.stat(job.src).st_mtime_ns
