@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import shutil
 import numpy as np
@@ -97,10 +98,16 @@ def test_generate_text_json_heatmap_and_supplied_findings(tiny_checkpoint, tmp_p
 
     findings = {k: v for k, v in doc["findings"].items() if k != "No Finding"}
     assert doc["heatmap_label"] == max(findings, key=findings.get)
+    from ifnet.inference import HEATMAP_MIN_SIDE
+
     with Image.open(heat) as im, Image.open(images / "0.png") as xray:
-        assert im.width == xray.width and im.height > xray.height
-        band = np.asarray(im.convert("L"))[xray.height:]
+        # drawn at a display size: a small phantom is scaled up to HEATMAP_MIN_SIDE on its longer side
+        scale = max(1.0, HEATMAP_MIN_SIDE / max(xray.size))
+        shown = round(xray.height * scale)
+        assert im.width == round(xray.width * scale) and im.height > shown
+        band = np.asarray(im.convert("L"))[shown:]
         assert band.max() > 200 and np.median(band) == 0  # light text on black
+    assert doc["warnings"] == []
     # a radiologist's findings replace the predicted condition
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"), "--json",
                      "--findings", "cardiomegaly, Pleural Effusion"]) == 0
@@ -124,6 +131,34 @@ def test_generate_text_json_heatmap_and_supplied_findings(tiny_checkpoint, tmp_p
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(bad)]) == 1
     err = capsys.readouterr().err
     assert "already exists" in err and "unknown observation 'gout'" in err and str(bad) in err
+    # a heatmap name that is not .png, or a folder that cannot take it, is refused before the model runs
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"),
+                     "--heatmap", str(tmp_path / "h.jpg")]) == 2
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(images / "0.png"),
+                     "--heatmap", str(blocker / "h.png")]) == 1
+    err = capsys.readouterr().err
+    assert "give a file name ending in .png" in err and f"{blocker}: is a file" in err
+
+
+def test_heatmap_overlay_is_drawn_at_a_display_size():
+    from PIL import Image
+
+    from ifnet.inference import HEATMAP_MAX_SIDE, HEATMAP_MIN_SIDE, heatmap_overlay_png
+
+    for shape, expected in (((3000, 2400), (HEATMAP_MAX_SIDE * 2400 // 3000, HEATMAP_MAX_SIDE)),
+                            ((100, 50), (HEATMAP_MIN_SIDE // 2, HEATMAP_MIN_SIDE)),
+                            ((700, 600), (600, 700))):
+        img = np.linspace(0, 65535, shape[0] * shape[1]).reshape(shape).astype(np.uint16)
+        heat = np.zeros(shape, np.float32)
+        heat[: shape[0] // 2] = 1.0  # upper half hot
+        with Image.open(io.BytesIO(heatmap_overlay_png(img, heat))) as im:
+            assert im.size == expected
+            arr = np.asarray(im.convert("RGB")).astype(int)
+        upper, lower = arr[: expected[1] // 4], arr[-expected[1] // 4:]
+        assert (upper[..., 0] - upper[..., 2]).mean() > 40  # jet's red over the hot half
+        assert np.abs(lower[..., 0] - lower[..., 2]).max() <= 1  # gray where the map is cold
 
 
 def test_reproduce_reports_mean_and_std_over_seeds(tiny_checkpoint, tmp_path, capsys):

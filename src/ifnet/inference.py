@@ -245,10 +245,17 @@ def view_warnings(label: str, height: int, width: int, input_size: Any) -> list[
     return out
 
 
+#: The heatmap PNG is drawn at a display size: the longer side brought within these bounds (aspect kept).
+HEATMAP_MAX_SIDE = 2048
+HEATMAP_MIN_SIDE = 512
+
+
 def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0.45,
-                        caption: Optional[str] = None) -> bytes:
+                        caption: Optional[str] = None, display_size: bool = True) -> bytes:
     """PNG bytes of ``heat`` (0..1, [H, W]) as a colour map over the grayscale ``image``; ``caption`` (e.g.
-    which finding the map is of) is written on a dark band under the image, so the file says what it shows."""
+    which finding the map is of) is written on a dark band under the image, so the file says what it shows.
+    With ``display_size`` the picture is scaled so its longer side lies within HEATMAP_MIN_SIDE..HEATMAP_MAX_SIDE
+    pixels; without, it keeps the image's size (a caller that has already sized it, such as the web page)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -257,9 +264,18 @@ def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0
 
     from ifnet.data.images import to_uint8
 
-    gray = to_uint8(image).astype(np.float32) / 255.0
+    import cv2
+
+    gray8, heat = to_uint8(image), np.asarray(heat, dtype=np.float32)
+    h, w = gray8.shape
+    scale = min(HEATMAP_MAX_SIDE / max(h, w), 1.0) if max(h, w) > HEATMAP_MIN_SIDE else HEATMAP_MIN_SIDE / max(h, w)
+    if display_size and scale != 1.0:  # a display size: a 6000 px radiograph need not cost gigabytes, nor a tiny one be unreadable
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        gray8 = cv2.resize(gray8, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+        heat = cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR)
+    gray = gray8.astype(np.float32) / 255.0
     rgb = np.repeat(gray[..., None], 3, axis=2)
-    colours = colormaps["jet"](np.clip(heat, 0, 1))[..., :3]
+    colours = colormaps["jet"](np.clip(heat, 0, 1), bytes=True)[..., :3].astype(np.float32) / 255.0
     weight = alpha * np.clip(heat, 0, 1)[..., None]
     out = Image.fromarray(((rgb * (1 - weight) + colours * weight) * 255).round().astype(np.uint8))
     if caption:

@@ -65,6 +65,20 @@ def check_writable_target(path: PathLike, overwrite: bool) -> Path:
     return p
 
 
+def check_writable_folder(folder: PathLike) -> Path:
+    """Raise OutputExistsError if files cannot be created in ``folder`` (or, when it does not exist yet, in
+    its nearest existing ancestor, where it would be created): found before the work, not after it."""
+    p = Path(folder) if str(folder) else Path(".")
+    probe = p
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise OutputExistsError(f"{probe}: is a file, so {p} cannot be a folder to write into")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise OutputExistsError(f"{probe}: no permission to write into this folder")
+    return p
+
+
 def check_distinct_targets(targets: dict) -> None:
     """Raise a UsageError if two output options name the same file: ``{"--out": path, "--skipped": path}``
     (``None`` values are ignored); otherwise the second write would silently replace the first."""

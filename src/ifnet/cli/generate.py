@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from ifnet.errors import IFNetError
+from ifnet.errors import IFNetError, UsageError
 
 HELP = "write the report for one new study (PNG, JPEG or DICOM)"
 
@@ -37,21 +37,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ifnet.data.images import read_xray
     from ifnet.inference import heatmap_overlay_png, open_predictor, parse_findings, view_warnings
-    from ifnet.io_utils import atomic_write_bytes, check_writable_target
+    from ifnet.io_utils import atomic_write_bytes, check_writable_folder, check_writable_target
 
     if len(args.images) > 2:
         raise IFNetError(f"at most two images (frontal, lateral); got {len(args.images)}")
     if args.heatmap is not None:
+        if args.heatmap.suffix.lower() != ".png":
+            raise UsageError(f"--heatmap {args.heatmap}: the heatmap is written as PNG; give a file name ending in .png")
         check_writable_target(args.heatmap, args.overwrite)
+        check_writable_folder(args.heatmap.parent)
     findings = parse_findings(args.findings) if args.findings is not None else None
     views = [read_xray(p) for p in args.images]  # clear ImageError naming a bad file, before loading the model
     predictor = open_predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
                                guidance=args.guidance, mbr_samples=args.mbr_samples)
     pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
     size = predictor.describe().get("image_size")
-    for path, view in zip(args.images, views):
-        for warning in view_warnings(str(path), view.shape[0], view.shape[1], size):
-            print(f"warning: {warning}", file=sys.stderr)
+    warnings = [w for path, view in zip(args.images, views)
+                for w in view_warnings(str(path), view.shape[0], view.shape[1], size)]
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     if args.heatmap is not None and pred.heatmap is not None:
         prob = pred.findings.get(pred.heatmap_label)
         caption = f"class activation map: {pred.heatmap_label}" + (f" (p = {prob:.2f})" if prob is not None else "")
@@ -59,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         doc = pred.to_json()
         doc["images"] = [str(p) for p in args.images]
+        doc["warnings"] = warnings
         if args.heatmap is not None:
             doc["heatmap"] = str(args.heatmap)
         print(json.dumps(doc, indent=2))

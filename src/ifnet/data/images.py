@@ -14,7 +14,9 @@ What comes back is a 2-D ``np.ndarray`` [H, W]:
   (the usual case) leaves the pixels unchanged.
 * DICOM -> ``uint16`` spanning the display range: modality LUT (rescale slope/intercept), then the
   VOI LUT or window centre/width, then MONOCHROME1 is inverted so that bone is bright, as in every
-  other format. The first VOI view (index 0) is used when the file holds several.
+  other format. The first VOI view (index 0) is used when the file holds several. A DICOM with neither a
+  VOI LUT nor a window is stretched from its own minimum to its maximum (what most viewers show by default),
+  so a low-contrast image stored without a window reads as full contrast: give such files a window.
 
 The format is recognised from the first bytes of the file (magic numbers), never from the file
 name: R2Gen-style datasets are full of ``.png`` files that are really JPEGs.

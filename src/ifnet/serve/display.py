@@ -50,4 +50,4 @@ def heatmap_image(original: np.ndarray, heat: np.ndarray, max_side: int) -> str:
     small = fit_side(original, max_side)
     heat_small = cv2.resize(heat.astype(np.float32), (small.shape[1], small.shape[0]),
                             interpolation=cv2.INTER_LINEAR)
-    return png_data_url(heatmap_overlay_png(small, heat_small))
+    return png_data_url(heatmap_overlay_png(small, heat_small, display_size=False))
