@@ -263,3 +263,12 @@ def test_bad_label_file_reports_every_problem(tmp_path):
     cols.write_text(json.dumps({"columns": ["a", "b"], "labels": {}}))
     with pytest.raises(DataError, match="14 CheXpert observations"):
         load_label_file(cols)
+
+
+def test_thousands_of_problems_print_twenty_lines_and_a_count():
+    from ifnet.errors import DataError, ValidationError
+
+    error = ValidationError([DataError("a.json", f"problem {i}") for i in range(4570)], header="a.json: 4570 problems")
+    lines = str(error).splitlines()
+    assert len(lines) == 22 and lines[0] == "a.json: 4570 problems:" and lines[-1].strip() == "... and 4550 more"
+    assert len(error.problems) == 4570

@@ -43,6 +43,14 @@ def test_demo_runs_end_to_end(tmp_path):
     (other / "keep.txt").write_text("user data")
     assert cli_main(["demo", "--out", str(other), "--studies", "4", "2", "2", "--epochs", "1"]) == 1
     assert (other / "keep.txt").read_text() == "user data"
+    # the user's own files that carry the demo's names are never deleted, not even with --overwrite
+    theirs = tmp_path / "project"
+    (theirs / "data").mkdir(parents=True)
+    (theirs / "data" / "precious.txt").write_text("precious")
+    (theirs / "index.html").write_text("<p>mine</p>")
+    assert cli_main(["demo", "--out", str(theirs), "--studies", "4", "2", "2", "--epochs", "1", "--overwrite"]) == 1
+    assert (theirs / "data" / "precious.txt").read_text() == "precious"
+    assert (theirs / "index.html").read_text() == "<p>mine</p>" and not (theirs / ".ifnet-demo").exists()
     # --overwrite writes the demo's entries into it and touches nothing else; a rerun into a demo folder replaces
     # only what the demo wrote, even the user's notes put there stay
     assert cli_main(["demo", "--out", str(other), "--studies", "4", "2", "2", "--epochs", "1", "--overwrite"]) == 0

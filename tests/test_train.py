@@ -172,6 +172,20 @@ def test_cli_refuses_to_clobber_a_run(tiny_data, tmp_path, capsys):
     assert cli_main(args) == 1
     assert "already holds a run" in capsys.readouterr().err
     assert cli_main(["train", "--out", str(tmp_path / "none"), "--resume"]) == 2
+    # --overwrite starts afresh: the old run's files go (no TensorBoard events of the old epochs left to mix in),
+    # the user's own files in the folder stay
+    (out / "notes.txt").write_text("mine")
+    old_events = sorted((out / "tensorboard").iterdir())
+    assert cli_main(args + ["--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "mine"
+    assert not set(old_events) & set((out / "tensorboard").iterdir())
+    # a folder of the user's that holds files a run writes (but no run) is refused too
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "metrics.csv").write_text("my own metrics")
+    assert cli_main(tiny_argv(tiny_data, theirs, "optim.epochs=1")) == 1
+    assert "holds metrics.csv, which a run would overwrite" in capsys.readouterr().err
+    assert (theirs / "metrics.csv").read_text() == "my own metrics"
 
 
 def test_cli_resume_takes_the_runs_config_and_refuses_another_model(tiny_data, tmp_path, capsys):
@@ -188,6 +202,10 @@ def test_cli_resume_takes_the_runs_config_and_refuses_another_model(tiny_data, t
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == files_before
     assert cli_main(["train", "--out", str(out), "--resume", "--set", "eval.monitor=CIDEr"]) == 2
     assert "eval.monitor is 'BLEU_4' in the run, 'CIDEr' here" in capsys.readouterr().err
+    # A finished run: said at once, nothing written
+    assert cli_main(["train", "--out", str(out), "--resume"]) == 0
+    assert "the run is complete (1/1 epochs); nothing to resume" in capsys.readouterr().out
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == files_before
     # No --config, no other --set: the run's own config.json, with more epochs.
     assert cli_main(["train", "--out", str(out), "--resume", "--set", "optim.epochs=2"]) == 0
     assert (out / "metrics.csv").read_text().count("\n") == 3
@@ -227,6 +245,22 @@ def test_train_limit_trains_on_the_first_studies_only(tiny_data, tmp_path):
     assert five.val_studies == full.val_studies and five.fit().epochs_run == 1
     with pytest.raises(Exception, match="field 'data.train_limit': must be >= 1 or null"):
         tiny_config(tiny_data, "data.train_limit=0")
+
+
+def test_a_slice_run_needs_only_the_images_of_its_slice(tiny_data, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(Path(tiny_data["root"]), data)
+    ann = json.loads((data / "annotation.json").read_text())
+    for split, keep in (("train", 5), ("val", 2)):
+        for entry in ann[split][keep:]:
+            for rel in entry["image_path"]:
+                (data / "images" / rel).unlink()
+    sets = {"annotation": data / "annotation.json", "image_root": data / "images"}
+    trainer = Trainer(tiny_config(sets, "optim.epochs=1", "data.train_limit=5", "data.val_limit=2"), tmp_path / "run")
+    assert [s.id for s in trainer.val_studies] == [e["id"] for e in ann["val"][:2]]
+    assert trainer.fit().epochs_run == 1
+    with pytest.raises(Exception, match="image not found"):  # without the limits the missing images are errors
+        Trainer(tiny_config(sets, "optim.epochs=1"), tmp_path / "all")
 
 
 def test_misspelled_config_key_is_an_error(tiny_data, tmp_path, capsys):

@@ -41,8 +41,13 @@ class DataError(IFNetError):
 class ValidationError(IFNetError):
     """Several data problems found at once; each line names file, study and field."""
 
+    #: At most this many problems are printed; the rest are counted (all are kept in ``problems``).
+    MAX_LINES = 20
+
     def __init__(self, problems: Iterable[DataError], *, header: str = "") -> None:
         self.problems = list(problems)
-        lines = [str(p) for p in self.problems]
-        head = header or f"{len(lines)} problem(s) found"
+        lines = [str(p) for p in self.problems[: self.MAX_LINES]]
+        if len(self.problems) > self.MAX_LINES:
+            lines.append(f"... and {len(self.problems) - self.MAX_LINES} more")
+        head = header or f"{len(self.problems)} problem(s) found"
         super().__init__(head + ":\n  " + "\n  ".join(lines))

@@ -29,9 +29,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="phantom studies per split (default 240 30 60)")
     parser.add_argument("--seed", type=int, default=0, help="phantom generation seed")
     parser.add_argument("--overwrite", action="store_true",
-                        help="also write into a non-empty folder that is not a demo output folder. Only the demo's "
-                             "own entries (" + ", ".join(DEMO_ENTRIES[1:]) + ") are replaced, there or in an "
-                             "earlier demo's folder; nothing else in the folder is ever touched")
+                        help="also write into a non-empty folder that is not a demo output folder, provided none of "
+                             "the demo's entries (" + ", ".join(DEMO_ENTRIES[1:]) + ") is there already. In an "
+                             "earlier demo's folder those entries are replaced; nothing else is ever touched")
 
 
 #: what `ifnet demo` writes into --out (the marker first); a rerun replaces these and only these
@@ -61,11 +61,18 @@ def run(args: argparse.Namespace) -> int:
     if out.exists():
         if not out.is_dir():
             raise UsageError(f"--out {out}: exists and is not a folder")
-        if any(out.iterdir()) and not (out / DEMO_ENTRIES[0]).exists() and not args.overwrite:
-            raise IFNetError(f"{out}: exists and is not a demo folder; choose another --out, or pass --overwrite to "
-                             f"write the demo's entries into it (nothing else there is touched)")
-        for name in DEMO_ENTRIES:  # an earlier demo's output; never anything the demo did not write
-            remove_path(out / name)
+        demo_folder = (out / DEMO_ENTRIES[0]).exists()
+        if any(out.iterdir()) and not demo_folder:
+            if not args.overwrite:
+                raise IFNetError(f"{out}: exists and is not a demo folder; choose another --out, or pass --overwrite to "
+                                 f"write the demo's entries into it (nothing else there is touched)")
+            taken = [name for name in DEMO_ENTRIES[1:] if (out / name).exists() or (out / name).is_symlink()]
+            if taken:  # the user's own files that happen to carry the demo's names: never deleted
+                raise IFNetError(f"{out}: {', '.join(taken)} already there and not written by `ifnet demo`; "
+                                 "move them away or choose another --out")
+        if demo_folder:
+            for name in DEMO_ENTRIES:  # an earlier demo's output; never anything the demo did not write
+                remove_path(out / name)
     out.mkdir(parents=True, exist_ok=True)
     (out / DEMO_ENTRIES[0]).write_text("made by `ifnet demo`; safe to delete\n")
     t_start = time.time()

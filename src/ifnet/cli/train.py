@@ -6,7 +6,7 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from ifnet.cli import add_config_arguments
 from ifnet.errors import IFNetError, UsageError
@@ -58,6 +58,14 @@ def resume_conflict(saved: dict, given: dict, may_change: Callable[[str], bool] 
     return None
 
 
+def _epochs_done(last: Path) -> Optional[int]:
+    """The epoch the ``last`` checkpoint was saved after (None if its metadata does not say)."""
+    from ifnet.models.checkpoint import read_meta
+
+    epoch = read_meta(last).get("metadata", {}).get("epoch")
+    return int(epoch) if isinstance(epoch, int) else None
+
+
 def _remove_new_run(out: Path, existed: bool) -> None:
     """Undo a run that failed before its first checkpoint: the folder it made, or what it wrote into the
     empty folder it was given, so that the same command can simply be run again."""
@@ -72,7 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from ifnet.models.checkpoint import interrupted_save
     from ifnet.train import distributed
     from ifnet.train.config import TrainConfig
-    from ifnet.train.trainer import LAST, Trainer
+    from ifnet.io_utils import remove_path
+    from ifnet.train.trainer import LAST, RUN_ENTRIES, Trainer
 
     out: Path = args.out
     if out.exists() and not out.is_dir():
@@ -83,6 +92,10 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume: {out / LAST} not found (nothing to resume)")
     if has_run and not args.resume and not args.overwrite:
         raise IFNetError(f"{out}: already holds a run; use --resume to continue it or --overwrite to start afresh")
+    taken = [name for name in RUN_ENTRIES if (out / name).exists() or (out / name).is_symlink()]
+    if taken and not args.resume and not args.overwrite:
+        raise IFNetError(f"{out}: holds {', '.join(taken)}, which a run would overwrite; choose another --out, "
+                         "or pass --overwrite to replace them")
     run_cfg = resolve(TrainConfig, saved) if args.resume and saved.exists() else None  # JSON is YAML
     # with --resume and no --config: the run's own config, then --set
     cfg = resolve(TrainConfig, saved if run_cfg is not None and args.config is None else args.config, args.overrides)
@@ -92,6 +105,15 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: {saved}: {conflict}; the checkpoint was trained with the run's config "
                              f"(leave out --config to use it; --set may change only "
                              f"{', '.join(RESUME_MAY_CHANGE)} but eval.monitor)")
+    if args.overwrite and not args.resume and taken and os.environ.get("RANK", "0") == "0":
+        for name in taken:  # the old run's files (TensorBoard events included), not the user's others
+            remove_path(out / name)
+    if args.resume and (out / LAST).exists():
+        done = _epochs_done(out / LAST)
+        if done is not None and done >= cfg.optim.epochs:  # nothing to do: say so before caching any features
+            print(f"{out}: the run is complete ({done}/{cfg.optim.epochs} epochs); nothing to resume. Raise "
+                  f"optim.epochs (--set optim.epochs={done + 10}) to train further")
+            return 0
     # A fresh run into a new or empty folder that fails before its first checkpoint leaves nothing behind.
     existed = out.exists()
     fresh = not args.resume and (not existed or not any(out.iterdir()))

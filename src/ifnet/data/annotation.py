@@ -185,13 +185,15 @@ def _check_images(study: Study, root: Path, chk: _Checker) -> None:
 
 def load_annotation(path: PathLike, image_root: Optional[PathLike] = None, *, check_images: bool = True,
                     min_views: int = 1, max_views: Optional[int] = None,
-                    splits: Sequence[str] = SPLITS) -> Annotation:
+                    splits: Sequence[str] = SPLITS,
+                    image_check_limits: Optional[Mapping[str, Optional[int]]] = None) -> Annotation:
     """Read and validate an R2Gen-format annotation file.
 
     ``image_root`` is the folder the image paths are relative to; None means the ``images`` folder
     next to the annotation file (R2Gen's layout). With ``check_images`` every image must exist and
     have a readable header of a sane size (only headers are read, so this is fast).
-    Only the listed ``splits`` are loaded and checked; each must be present.
+    Only the listed ``splits`` are loaded and checked; each must be present. ``image_check_limits`` (split ->
+    N or None) checks the images of only the first N studies of a split: a run on a slice needs only those.
 
     Raises DataError for a file that is not JSON or not an object, and one ValidationError listing
     every problem otherwise: missing keys, wrong types, empty reports, duplicate ids (across the
@@ -234,7 +236,8 @@ def load_annotation(path: PathLike, image_root: Optional[PathLike] = None, *, ch
                         field="id")
                 continue
             first_seen[study.id] = where
-            if check_images and root_ok:
+            limit = (image_check_limits or {}).get(split)
+            if check_images and root_ok and (limit is None or len(studies) < limit):
                 _check_images(study, root, chk)
             studies.append(study)
         result[split] = studies

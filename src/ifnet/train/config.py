@@ -32,7 +32,7 @@ class DataConfig:
     train_augment: bool = True  # random resized crop / small affine on train images (no flip: heart side matters)
     batch_size: int = 16  # studies per optimisation step (per process under torchrun)
     num_workers: int = 2  # DataLoader worker processes
-    val_limit: Optional[int] = None  # decode only the first N validation studies each epoch (None: all)
+    val_limit: Optional[int] = None  # only the first N validation studies (decoded each epoch, thresholds; None: all)
     # train on the first N training studies only (a smoke run, a learning curve; None: all). The vocabulary
     # is built from them
     train_limit: Optional[int] = None

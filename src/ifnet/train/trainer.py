@@ -35,6 +35,10 @@ from ifnet.train.logs import MetricsLog, plot_curves
 from ifnet.train.runinfo import run_provenance, seed_everything
 
 LAST, BEST = "last", "best"
+#: Everything a run writes into its folder: a fresh run refuses a folder holding any of them (they would be
+#: overwritten) unless asked to start afresh, which removes exactly these and nothing else.
+RUN_ENTRIES = ("config.json", "provenance.json", "vocab.json", "metrics.csv", "tensorboard", "curves.png",
+               "result.json", LAST, BEST)
 
 
 class TrainingDiverged(IFNetError):
@@ -125,9 +129,10 @@ class Trainer:
         d = self.cfg.data
         if not d.annotation or not d.image_root:
             raise IFNetError("data.annotation and data.image_root must be set (in the YAML or with --set)")
+        # A slice run (data.train_limit / data.val_limit) reads, checks and caches only its slice.
         ann = load_annotation(d.annotation, d.image_root, check_images=True, splits=("train", "val"),
-                              max_views=d.max_views)
-        self.train_studies, self.val_studies = ann.split("train")[: d.train_limit], ann.split("val")
+                              max_views=d.max_views, image_check_limits={"train": d.train_limit, "val": d.val_limit})
+        self.train_studies, self.val_studies = ann.split("train")[: d.train_limit], ann.split("val")[: d.val_limit]
         if not self.train_studies or not self.val_studies:
             raise IFNetError(f"{d.annotation}: need non-empty train and val splits for training and model selection")
         vocab_path = self.out / "vocab.json"
@@ -140,7 +145,7 @@ class Trainer:
         # What the label head learns when it is not the condition labels above (data.head_labels).
         self.head_labels = self._load_head_labels(d.head_labels) if d.head_labels else None
         self._set_repeat_factors()
-        self.val_refs = {s.id: s.report for s in self.val_studies[: d.val_limit or None]}
+        self.val_refs = {s.id: s.report for s in self.val_studies}
         from ifnet.metrics.scoring import reference_labels
 
         # Reference labels of the validation reports, computed once (CE each epoch compares against them).
