@@ -247,6 +247,30 @@ def test_train_limit_trains_on_the_first_studies_only(tiny_data, tmp_path):
         tiny_config(tiny_data, "data.train_limit=0")
 
 
+def test_relative_data_paths_are_stored_absolute_and_evaluate_works_from_elsewhere(tiny_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    data = tmp_path / "work" / "data"
+    shutil.copytree(Path(tiny_data["root"]), data)
+    monkeypatch.chdir(tmp_path / "work")
+    rel = {"annotation": Path("data/annotation.json"), "image_root": Path("data/images")}
+    assert cli_main(tiny_argv(rel, Path("run"), "optim.epochs=1", "data.val_limit=2", "data.iec=none")) == 0
+    saved = json.loads((tmp_path / "work" / "run" / "config.json").read_text())["data"]
+    assert saved["annotation"] == str(data / "annotation.json") and saved["image_root"] == str(data / "images")
+    # resuming with the same relative --set paths is the same config, not a conflict
+    assert cli_main(["train", "--out", "run", "--resume", "--set", "optim.epochs=1",
+                     "--set", "data.annotation=data/annotation.json"]) == 0
+    monkeypatch.chdir(tmp_path)
+    assert cli_main(["evaluate", "--checkpoint", "work/run/best", "--out", "ev", "--limit", "2", "--no-meteor",
+                     "--split", "val"]) == 0
+    page = (tmp_path / "ev" / "index.html").read_text()  # trained without IEC: no enhanced panels it never saw
+    assert "enhanced (IEC)" not in page and "data.iec none" in page
+    # a moved dataset: the error names the config field and the flag that overrides it
+    shutil.move(str(data), str(tmp_path / "moved"))
+    assert cli_main(["evaluate", "--checkpoint", "work/run/best", "--out", "ev2", "--limit", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "(data.annotation of the checkpoint's training config); pass --annotation" in err
+
+
 def test_a_slice_run_needs_only_the_images_of_its_slice(tiny_data, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(Path(tiny_data["root"]), data)

@@ -154,6 +154,12 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     model, tokenizer, _, meta = load_checkpoint(checkpoint, map_location=dev)
     d = _training_data_config(meta, checkpoint)
     d = replace(d, annotation=str(annotation or d.annotation), image_root=str(image_root or d.image_root))
+    if annotation is None and not Path(d.annotation).is_file():
+        raise IFNetError(f"{d.annotation}: not found (data.annotation of the checkpoint's training config); "
+                         "pass --annotation")
+    if image_root is None and not Path(d.image_root).is_dir():
+        raise IFNetError(f"{d.image_root}: no such folder (data.image_root of the checkpoint's training config); "
+                         "pass --image-root")
     train_eval = (meta.get("metadata") or {}).get("train_config", {}).get("eval", {})
     beam = positive_count("--beam-size", beam_size, int(train_eval.get("beam_size", 3)))
     length = positive_count("--max-len", max_len, int(train_eval.get("max_len", 60)))
@@ -190,19 +196,23 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
                                              "beam_size": beam, "max_len": length, "guidance": guide, "mbr_samples": mbr,
                                              "checkpoint": str(checkpoint)})
     atomic_write_json(out / "consistency.json", {**consistency, "split": split, "checkpoint": str(checkpoint)})
-    enhancer = build_enhancer(d.iec if d.iec != "none" else "clahe", d.clip_limit, d.tile_grid)
+    # The enhanced panels show what the model read; a model trained without IEC gets none (it never saw them).
+    enhancer = build_enhancer(d.iec, d.clip_limit, d.tile_grid) if d.iec != "none" else None
     page_examples = []
     for study, row in zip(studies[:examples], rows[:examples]):
         views = [read_xray(p) for p in ann.image_files(study)[: d.max_views]]
         page_examples.append(Example(
             study.id, row["generated"], row["reference"], images=[to_uint8(v) for v in views],
-            enhanced=[to_uint8(enhancer(v)) for v in views], findings=row["predicted_findings"],
+            enhanced=[to_uint8(enhancer(v)) for v in views] if enhancer is not None else [],
+            findings=row["predicted_findings"],
             reference_findings=[k for k, v in row["reference_labels"].items() if v in (1, -1)],
             condition=[k for k, v in row["condition"].items() if v >= CONDITION_CUTOFF], consistency=row["consistency"]))
     write_page(out / "index.html", f"IFNet evaluation: {split} split ({len(preds)} studies)", page_examples,
                metrics={k: v for k, v in metrics.items()},
                curves_png=Path(checkpoint).parent / "curves.png",
-               notes=[*notes, f"checkpoint {checkpoint}; beam {beam}; condition guidance {guide:g}; "
+               notes=[*notes, *(["the model reads the images unenhanced (data.iec none): no IEC panels"]
+                                if enhancer is None else []),
+                      f"checkpoint {checkpoint}; beam {beam}; condition guidance {guide:g}; "
                                   f"{f'MBR over {mbr} samples; ' if mbr else ''}"
                                   f"CE uncertain -> {metrics.get('CE_uncertain', 'positive')}",
                       consistency_note(consistency)])

@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from ifnet.config import resolve, to_dict
     from ifnet.models.checkpoint import interrupted_save
     from ifnet.train import distributed
-    from ifnet.train.config import TrainConfig
+    from ifnet.train.config import TrainConfig, with_absolute_paths
     from ifnet.io_utils import remove_path
     from ifnet.train.trainer import LAST, RUN_ENTRIES, Trainer
 
@@ -97,8 +97,9 @@ def run(args: argparse.Namespace) -> int:
         raise IFNetError(f"{out}: holds {', '.join(taken)}, which a run would overwrite; choose another --out, "
                          "or pass --overwrite to replace them")
     run_cfg = resolve(TrainConfig, saved) if args.resume and saved.exists() else None  # JSON is YAML
-    # with --resume and no --config: the run's own config, then --set
-    cfg = resolve(TrainConfig, saved if run_cfg is not None and args.config is None else args.config, args.overrides)
+    # with --resume and no --config: the run's own config, then --set; paths absolute, as the run stores them
+    cfg = with_absolute_paths(resolve(TrainConfig, saved if run_cfg is not None and args.config is None else args.config,
+                                      args.overrides))
     if run_cfg is not None:
         conflict = resume_conflict(to_dict(run_cfg), to_dict(cfg))
         if conflict:

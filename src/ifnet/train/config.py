@@ -165,3 +165,23 @@ def _at_least(cfg: object, names: tuple[str, ...], low: int) -> None:
         value = getattr(cfg, name)
         if value < low:
             raise SettingError(name, f"must be >= {low}, got {value}")
+
+
+#: Config fields that name files or folders: stored absolute in a run's config.json, so evaluate, generate,
+#: serve and export find them from any working directory.
+PATH_FIELDS = (("data", "annotation"), ("data", "image_root"), ("data", "labels"), ("data", "head_labels"),
+               ("model", "weights_path"))
+
+
+def with_absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
+    """``cfg`` with every path of PATH_FIELDS made absolute against the current directory (not resolved through
+    symlinks: a link the user chose stays the path recorded). Empty and unset paths stay as they are."""
+    import os
+    from dataclasses import replace
+
+    sections = {}
+    for section, name in PATH_FIELDS:
+        value = getattr(getattr(cfg, section), name)
+        if value:
+            sections.setdefault(section, {})[name] = os.path.abspath(os.path.expanduser(str(value)))
+    return replace(cfg, **{section: replace(getattr(cfg, section), **fields) for section, fields in sections.items()})

@@ -28,7 +28,7 @@ from ifnet.labels import NUM_OBSERVATIONS, OBSERVATIONS, to_binary
 from ifnet.models.checkpoint import load_checkpoint, load_training_state, recover_checkpoint, save_checkpoint
 from ifnet.models.ifnet import IFNet, compute_losses
 from ifnet.train import distributed as dist_utils
-from ifnet.train.config import TrainConfig, is_torch_device
+from ifnet.train.config import TrainConfig, is_torch_device, with_absolute_paths
 from ifnet.train.data import build_loader, make_dataset, repeat_factors
 from ifnet.train.ema import WeightEMA
 from ifnet.train.logs import MetricsLog, plot_curves
@@ -112,7 +112,7 @@ class Trainer:
         [V, C, h, w], view_mask [V])``, e.g. a :class:`~ifnet.train.feature_cache.FeatureCache`) for every
         train and val study, used instead of building one when ``cache_features`` is on. A benchmark that
         trains several models on the same frozen features computes them once this way."""
-        self.cfg = config
+        self.cfg = config = with_absolute_paths(config)  # config.json must work from any directory
         self._given_feature_cache = feature_cache
         self.out = Path(out_dir)
         self.dist = dist_utils.init_from_env()
