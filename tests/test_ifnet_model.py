@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 import torch
 
-from ifnet.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from ifnet.data.tokenizer import BOS_ID, EOS_ID, NEVER_GENERATED, PAD_ID, UNK_ID
 from ifnet.errors import DataError, IFNetError
 from ifnet.layers.saformer import SAFormerConfig
 from ifnet.models.ifnet import IFNet, IFNetConfig, compute_losses
@@ -363,9 +363,23 @@ def test_greedy_generation_is_the_argmax_of_the_teacher_forcing_model(model):
     tokens = torch.cat([torch.full((3, 1), BOS_ID), ids], dim=1)
     with torch.no_grad():
         logits = model(b["images"], b["view_mask"], tokens).logits
-    logits[..., [PAD_ID, BOS_ID]] = float("-inf")  # never proposed while decoding
+    logits[..., list(NEVER_GENERATED)] = float("-inf")  # never proposed while decoding
     generated = ids != PAD_ID
     assert torch.equal(logits.argmax(-1)[generated], ids[generated])
+
+
+def test_unk_is_never_generated_even_when_the_model_prefers_it(model, monkeypatch):
+    b = make_batch()
+    real = model.decode_step
+
+    def prefers_unk(tokens, state):  # a model whose every step ranks <unk> far above any word
+        logits, state = real(tokens, state)
+        return logits.index_add(-1, torch.tensor([UNK_ID]), torch.full((*logits.shape[:-1], 1), 1e4)), state
+
+    monkeypatch.setattr(model, "decode_step", prefers_unk)
+    for beam in (1, 3):
+        ids = model.generate(b["images"], b["view_mask"], beam_size=beam, max_len=8)
+        assert not (ids == UNK_ID).any() and ids.numel() > 0
 
 
 def test_memory_readout_of_visual_tokens_is_available_for_heatmaps(model):

@@ -25,6 +25,9 @@ VOCAB_VERSION = 1
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 SPECIAL_TOKENS = (PAD, BOS, EOS, UNK)
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+#: Tokens a decoder never writes: padding, the start token, and <unk> (a report must say a word, not that one
+#: was rare in training; banning it lets the model say its next best word instead).
+NEVER_GENERATED = (PAD_ID, BOS_ID, UNK_ID)
 
 # R2Gen's sentence-level character filter, verbatim semantics (see module docstring).
 _SENT_STRIP = re.compile(r"[.,?;*!%^&_+():-\[\]{}]")

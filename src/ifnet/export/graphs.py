@@ -29,7 +29,7 @@ from typing import List, Tuple
 import torch
 from torch import Tensor, nn
 
-from ifnet.data.tokenizer import BOS_ID, PAD_ID
+from ifnet.data.tokenizer import NEVER_GENERATED
 from ifnet.models.ifnet import IFNet
 
 __all__ = ["BackboneGraph", "EncoderGraph", "DecoderStepGraph", "state_names"]
@@ -112,7 +112,7 @@ class DecoderStepGraph(nn.Module):
         self.register_buffer("head_offsets", torch.arange(memory.num_heads).view(-1, 1, 1) * memory.num_slots,
                              persistent=False)
         mask = torch.zeros(model.config.vocab_size)
-        mask[[PAD_ID, BOS_ID]] = -math.inf
+        mask[list(NEVER_GENERATED)] = -math.inf
         self.register_buffer("logit_mask", mask, persistent=False)
 
     def forward(self, token: Tensor, position: Tensor, condition: Tensor, *state: Tensor) -> Tuple[Tensor, ...]:

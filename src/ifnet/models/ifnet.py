@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ifnet.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from ifnet.data.tokenizer import BOS_ID, EOS_ID, NEVER_GENERATED, PAD_ID
 from ifnet.errors import IFNetError
 from ifnet.labels import NUM_OBSERVATIONS
 from ifnet.layers.saformer import SAFormerConfig, SAFormerDecoder, SAFormerEncoder, sinusoidal_positions
@@ -475,8 +475,9 @@ class IFNetDecoder:
     """Adapter from :class:`IFNet` to the ``StepModel`` protocol of :mod:`ifnet.decoding`.
 
     ``batch_inputs`` is an :class:`EncoderOutput` (from :meth:`IFNet.encode`). ``step`` returns
-    :meth:`IFNet.decode_step`'s logits with pad and bos set to -inf: neither can follow a token in a report
-    (pad is never a training target, so its logit is untrained noise). The training logits stay unmasked,
+    :meth:`IFNet.decode_step`'s logits with pad, bos and <unk> set to -inf (``NEVER_GENERATED``): neither pad nor
+    bos can follow a token in a report (pad is never a training target, so its logit is untrained noise), and a
+    report must say a word rather than "<unk>". The training logits stay unmasked,
     so a loss with label smoothing remains finite.
     """
 
@@ -488,7 +489,7 @@ class IFNetDecoder:
 
     def step(self, tokens: Tensor, state: IFNetDecodeState) -> tuple[Tensor, IFNetDecodeState]:
         logits, state = self.model.decode_step(tokens, state)
-        logits = logits.index_fill(-1, torch.tensor([PAD_ID, BOS_ID], device=logits.device), -math.inf)
+        logits = logits.index_fill(-1, torch.tensor(NEVER_GENERATED, device=logits.device), -math.inf)
         return logits, state
 
 
