@@ -102,6 +102,11 @@ def test_scope_terminators(text, negated, kept):
      {"Pneumothorax": NEGATIVE, "Pleural Effusion": POSITIVE, "No Finding": BLANK}),
     ("No focal consolidation, large pleural effusion, or pneumothorax.",  # "large" inside a list stays negated
      {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE}),
+    ("No evidence of pneumothorax, new consolidation or effusion.",  # so does "new"
+     {"Consolidation": NEGATIVE, "Pleural Effusion": NEGATIVE}),
+    # the list break ends negations only: uncertainty keeps its list
+    ("Findings may represent atelectasis and mild pulmonary edema.", {"Atelectasis": UNCERTAIN, "Edema": UNCERTAIN}),
+    ("Possible atelectasis and minimal pleural effusion.", {"Pleural Effusion": UNCERTAIN}),
     # "resolution of" / "removed" speak of the finding right after them, not of a new one later on
     ("Interval resolution of the left effusion with new right lower lobe pneumonia.",
      {"Pleural Effusion": NEGATIVE, "Pneumonia": POSITIVE}),
@@ -110,10 +115,18 @@ def test_scope_terminators(text, negated, kept):
     ("Right chest tube has been removed with a small residual pneumothorax.",
      {"Support Devices": NEGATIVE, "Pneumothorax": POSITIVE}),
     ("There has been removal of the right-sided PICC line.", {"Support Devices": NEGATIVE}),
+    ("Interval resolution of the previously seen right lower lobe consolidation.", {"Consolidation": NEGATIVE}),
+    ("Interval removal of the left internal jugular central venous catheter.", {"Support Devices": NEGATIVE}),
+    # a short-reach cue stopped by "new" hands the mention to the negation before it
+    ("No pneumothorax following removal of the chest tube or new effusion.", {"Pleural Effusion": NEGATIVE}),
     # low probability and clinical questions
     ("Pleural effusion is unlikely.", {"Pleural Effusion": NEGATIVE}),
     ("Pneumonia is less likely.", {"Pneumonia": NEGATIVE}),
-    ("Unlikely pneumonia.", {"Pneumonia": NEGATIVE}),
+    ("Unlikely pneumonia.", {"Pneumonia": UNCERTAIN}),  # a doubt about what follows, not a denial
+    ("Edema unlikely.", {"Edema": NEGATIVE}),
+    ("Unlikely pneumonia, more likely atelectasis.", {"Pneumonia": UNCERTAIN, "Atelectasis": UNCERTAIN}),
+    ("Consolidation is unlikely and the opacity likely reflects atelectasis.",
+     {"Consolidation": NEGATIVE, "Atelectasis": UNCERTAIN}),
     ("Atelectasis, less likely pneumonia.", {"Atelectasis": POSITIVE, "Pneumonia": UNCERTAIN}),
     ("Evaluate for pneumonia.", {"Pneumonia": UNCERTAIN}),
     ("Clinical correlation recommended to exclude pneumonia.", {"Pneumonia": UNCERTAIN}),
@@ -122,13 +135,21 @@ def test_scope_terminators(text, negated, kept):
     ("Pneumothorax - none.", {"Pneumothorax": NEGATIVE}),
     ("Pneumothorax: no. Effusion: small.", {"Pneumothorax": NEGATIVE, "Pleural Effusion": POSITIVE}),
     ("Pneumothorax - no change.", {"Pneumothorax": POSITIVE}),
+    # a dash or colon that opens a new negated phrase is not a template answer
+    ("Moderate cardiomegaly - no pleural effusion.", {"Cardiomegaly": POSITIVE, "Pleural Effusion": NEGATIVE}),
+    ("Stable cardiomegaly: no acute disease.", {"Cardiomegaly": POSITIVE}),
+    ("Right PICC - no pneumothorax.", {"Support Devices": POSITIVE, "Pneumothorax": NEGATIVE}),
     ("Heart is not significantly enlarged.", {"Cardiomegaly": NEGATIVE}),
     # abbreviations do not end a sentence; hard-wrapped lines are one sentence
     ("Possible pneumonia vs. atelectasis.", {"Pneumonia": UNCERTAIN, "Atelectasis": UNCERTAIN}),
     ("Atelectasis vs. pneumonia in the left base.", {"Pneumonia": UNCERTAIN, "Atelectasis": UNCERTAIN}),
     ("There is no focal consolidation, pleural\n effusion or pneumothorax.",
      {"Pleural Effusion": NEGATIVE, "Pneumothorax": NEGATIVE}),
-    ("No pleural\r\neffusion.", {"Pleural Effusion": NEGATIVE}),
+    ("There is no pneumothorax, focal consolidation or pleural\r\neffusion.", {"Pleural Effusion": NEGATIVE}),
+    # ... but short lines are a list of their own sentences, in lower case too
+    ("no pneumothorax\nmoderate right effusion\nmild cardiomegaly",
+     {"Pneumothorax": NEGATIVE, "Pleural Effusion": POSITIVE, "Cardiomegaly": POSITIVE}),
+    ("no acute cardiopulmonary process\npersistent left basilar atelectasis", {"Atelectasis": POSITIVE}),
     ("Heart size is normal\nSmall left effusion", {"Cardiomegaly": NEGATIVE, "Pleural Effusion": POSITIVE}),
 ])
 def test_scope_of_lists_courses_and_templates(text, expected):

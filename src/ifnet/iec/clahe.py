@@ -8,10 +8,13 @@ The same objects serve both uses, so they give identical pixels:
 * the data pipeline (on the fly, chosen by name through :func:`build_enhancer`).
 
 Input is what :func:`ifnet.data.images.read_xray` returns: a 2-D ``uint8`` or ``uint16`` array.
-A ``uint16`` image is equalised on 256 grey levels (rounded to 8 bits, CLAHE, scaled back by 257): the clip
-limit is defined on a 256-bin histogram, and OpenCV's 16-bit CLAHE, with 65,536 bins, clips every bin at one
-count whatever the limit, which is plain histogram equalisation. So the same X-ray gives the same enhanced
-pixels whether it arrives as an 8-bit PNG, a 16-bit PNG or a DICOM.
+A ``uint16`` image is equalised on 256 grey levels: its top 8 bits (``x >> 8``) are CLAHE'd in 8 bits and the
+result scaled back by 257. The clip limit is defined on a 256-bin histogram, and OpenCV's 16-bit CLAHE, with 65,536
+bins, clips every bin at one count whatever the limit, which is plain histogram equalisation. So the same X-ray
+gives the same enhanced pixels whether it arrives as an 8-bit PNG, a 16-bit PNG (x 257) or a DICOM. Like the rest
+of the pipeline (the model's input is ``x / 65535``, docs/IEC.md "Limits"), this takes 16-bit values as spanning the
+16-bit range: 12-bit data stored unscaled in a 16-bit PNG (maximum 4095) is a dark image with 16 grey levels here;
+scale such files to 16 bits first (DICOM is scaled by ``read_xray``).
 Colour images are converted to gray by the caller (``read_xray`` already does), never here: a
 transform that silently picked a channel would hide a pipeline bug.
 """
@@ -99,9 +102,8 @@ class CLAHE:
         clahe = cv2.createCLAHE(clipLimit=float(self.clip_limit),
                                 tileGridSize=(int(self.tile_grid), int(self.tile_grid)))
         if img.dtype == np.uint16:  # 256 grey levels, as the clip limit means (module docstring)
-            from ifnet.data.images import to_uint8
-
-            return clahe.apply(np.ascontiguousarray(to_uint8(img))).astype(np.uint16) * np.uint16(257)
+            top = np.ascontiguousarray(img >> 8, dtype=np.uint8)  # x 257 images: exactly their 8-bit values
+            return clahe.apply(top).astype(np.uint16) * np.uint16(257)
         return clahe.apply(np.ascontiguousarray(img))
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_left, bisect_right
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import List, Optional, Pattern, Sequence, Tuple
 
 #: Words allowed between a pre-cue and its mention (lists: "no pneumonia, effusion, edema ...").
@@ -63,14 +64,13 @@ PRE_NEGATION = _alternation([
     r"resolution of", r"resolved", r"removal of", r"removed", r"interval removal of",
     r"cleared", r"clearing of", r"no longer", r"not seen", r"fails? to (?:show|demonstrate|reveal)",
     r"(?:did|does|do) not (?:show|demonstrate|reveal)", r"no visible", r"no visualized",
-    r"no demonstrable", r"unlikely",
+    r"no demonstrable",
 ])
 
-#: Pre-negations that speak of one earlier finding or device ("resolution of the left effusion", "removal of
-#: the right-sided PICC line"): they reach only this many words and stop at "with" or "new", so
+#: Pre-negations that speak of one earlier finding or device ("resolution of the previously seen right lower lobe
+#: consolidation", "removal of the right-sided PICC line"): their scope also stops at "with" or "new", so
 #: "resolution of the effusion with new right lower lobe pneumonia" does not negate the pneumonia.
 SHORT_REACH_NEGATION = re.compile(r"(?:interval )?(?:resolution of|resolved|removal of|removed|cleared|clearing of)")
-SHORT_REACH_WINDOW = 5
 SHORT_REACH_STOP = re.compile(r"(?<![\w-])(?:with|new)(?![\w-])")
 
 POST_NEGATION = _alternation([
@@ -82,11 +82,13 @@ POST_NEGATION = _alternation([
     # "pleural effusion is unlikely": a low probability reads as a negative finding, as radiologists mean it
     # (a verb is required: in "atelectasis, less likely pneumonia" the cue looks forward, at the pneumonia)
     r"(?:is|are|was|were|seems?|appears?) (?:very |highly |felt to be |thought to be )?(?:unlikely|less likely)",
+    r"unlikely(?=\s*(?:$|[.,;]))",  # "edema unlikely." ends its clause; "unlikely pneumonia" looks forward
 ])
 
 #: Template answers after a colon or dash ("Pneumothorax: none.", "Pleural effusion - no"): a post-negation
-#: whose match starts with the colon, so the colon (a scope terminator) does not cut it off.
-TEMPLATE_NEGATION = re.compile(r"\s*[:-]\s*(?:none|no|negative|absent|not seen)(?![\w-])")
+#: whose match starts with the colon, so the colon (a scope terminator) does not cut it off. The answer must end
+#: its clause: in "cardiomegaly - no pleural effusion" the "no" opens a new negated phrase.
+TEMPLATE_NEGATION = re.compile(r"\s*[:-]\s*(?:none|no|negative|absent|not seen)(?=\s*(?:$|[.,;]))")
 
 PRE_UNCERTAINTY = _alternation([
     r"possible", r"possibly", r"probable", r"probably", r"likely", r"most likely", r"presumed",
@@ -102,6 +104,7 @@ PRE_UNCERTAINTY = _alternation([
     r"not definitely", r"not clearly",
     # clinical questions: "evaluate for pneumonia", "to exclude pneumothorax"
     r"evaluate for", r"evaluation for", r"assess for", r"assessment for", r"to exclude", r"exclude",
+    r"unlikely",  # "unlikely pneumonia, more likely atelectasis": a doubt, not a denial, about what follows
 ], punctuation="?")
 
 POST_UNCERTAINTY = _alternation([
@@ -121,10 +124,12 @@ TERMINATORS = _alternation([
 ], punctuation=";:")
 
 #: A list item that starts with a size or course word after a comma or "and" begins a new, positive
-#: statement: "no pneumothorax, small left effusion", "no pneumothorax and mild cardiomegaly".
-#: ("large", "severe" and "marked" are left out: "no consolidation, large effusion, or pneumothorax" is a list.)
-LIST_BREAK = re.compile(r"(?:,\s*(?:and\s+)?|\s+and\s+)(?=(?:small|mild|mildly|moderate|moderately|trace|minimal|tiny|new|persistent|"
-                        r"residual|increased|increasing|worsening|worsened)(?![\w-]))")
+#: statement: "no pneumothorax, small left effusion", "no pneumothorax and mild cardiomegaly". It ends a
+#: negation's scope only: "possible atelectasis and minimal effusion" keeps both uncertain. ("large", "severe",
+#: "marked", "new" and "residual" are left out: "no consolidation, large effusion, or pneumothorax" and "no
+#: pneumothorax, new consolidation or effusion" are negated lists.)
+LIST_BREAK = re.compile(r"(?:,\s*(?:and\s+)?|\s+and\s+)(?=(?:small|mild|mildly|moderate|moderately|trace|minimal|tiny|"
+                        r"persistent|increased|increasing|worsening|worsened)(?![\w-]))")
 
 
 @dataclass(frozen=True)
@@ -139,10 +144,6 @@ class Cue:
 
 def _spans(pattern: Pattern[str], sentence: str, kind: str) -> List[Cue]:
     return [Cue(kind, m.group(0), m.start(), m.end()) for m in pattern.finditer(sentence)]
-
-
-def _overlaps(a: Cue, b: Cue) -> bool:
-    return a.start < b.end and b.start < a.end
 
 
 class Cues(tuple):
@@ -167,7 +168,8 @@ class SentenceContext:
     post_negation: Cues
     pre_uncertainty: Cues
     post_uncertainty: Cues
-    terminators: Tuple[Tuple[int, int], ...]
+    terminators: Tuple[Tuple[int, int], ...]  # end every cue's scope
+    negation_terminators: Tuple[Tuple[int, int], ...]  # the terminators plus list breaks: end a negation's scope
     word_starts: Tuple[int, ...]
     sentence: str
 
@@ -183,18 +185,27 @@ def analyse_sentence(sentence: str) -> SentenceContext:
     post_unc = _spans(POST_UNCERTAINTY, sentence, "post-uncertainty")
     blockers = pseudo + [c for c in pre_unc + post_unc if _NEGATED_UNCERTAINTY.search(c.text)]
 
+    blockers.sort(key=lambda b: b.start)
+    starts = [b.start for b in blockers]
+    reach = list(accumulate((b.end for b in blockers), max))  # the furthest end among blockers[: i + 1]
+
     def keep(cues: List[Cue]) -> Cues:
-        return Cues([c for c in cues if not any(_overlaps(c, b) for b in blockers)])
+        # a cue overlaps a blocker iff some blocker starting before the cue ends ends after the cue starts
+        def free(c: Cue) -> bool:
+            i = bisect_left(starts, c.end)
+            return i == 0 or reach[i - 1] <= c.start
+
+        return Cues([c for c in cues if free(c)])
 
     pre_neg = keep(_spans(PRE_NEGATION, sentence, "pre-negation"))
     post_neg = keep(_spans(POST_NEGATION, sentence, "post-negation")
                     + _spans(TEMPLATE_NEGATION, sentence, "post-negation"))
     # Uncertainty cues are all kept ("not excluded" reads as uncertain); a pseudo-negation such as
     # "no change" is a cue of neither kind.
-    terms = tuple(sorted([(m.start(), m.end()) for m in TERMINATORS.finditer(sentence)]
-                         + [(m.start(), m.end()) for m in LIST_BREAK.finditer(sentence)]))
+    terms = tuple((m.start(), m.end()) for m in TERMINATORS.finditer(sentence))
+    neg_terms = tuple(sorted(terms + tuple((m.start(), m.end()) for m in LIST_BREAK.finditer(sentence))))
     words = tuple(m.start() for m in _WORD.finditer(sentence))
-    return SentenceContext(pre_neg, post_neg, Cues(pre_unc), Cues(post_unc), terms, words, sentence)
+    return SentenceContext(pre_neg, post_neg, Cues(pre_unc), Cues(post_unc), terms, neg_terms, words, sentence)
 
 
 
@@ -202,31 +213,35 @@ def _words_between(ctx: SentenceContext, start: int, end: int) -> int:
     return bisect_left(ctx.word_starts, end) - bisect_left(ctx.word_starts, start)
 
 
-def _terminated(ctx: SentenceContext, start: int, end: int) -> bool:
+def _terminated(terminators: Tuple[Tuple[int, int], ...], start: int, end: int) -> bool:
     """Whether a terminator lies wholly inside ``[start, end)``. Terminators are sorted and do not
     overlap, so the first one starting at or after ``start`` is the only one to check."""
-    i = bisect_left(ctx.terminators, (start, -1))
-    return i < len(ctx.terminators) and ctx.terminators[i][1] <= end
+    i = bisect_left(terminators, (start, -1))
+    return i < len(terminators) and terminators[i][1] <= end
 
 
-def _pre_cue(cues: Cues, ctx: SentenceContext, start: int, window: int) -> Optional[Cue]:
+def _pre_cue(cues: Cues, ctx: SentenceContext, start: int, window: int,
+             terminators: Tuple[Tuple[int, int], ...]) -> Optional[Cue]:
     """The closest cue that ends before ``start``, if it reaches it. Cues of one kind do not overlap, so
-    they are sorted by end as by start; a farther cue spans everything the closest one does (and more
-    words), so when the closest does not reach the mention no cue does: one bisection per mention."""
+    they are sorted by end as by start; a farther cue spans everything the closest one does (more words,
+    every terminator), so when the closest does not reach the mention no cue does: one bisection per
+    mention. The exception is a short-reach cue stopped by "with"/"new": it says nothing about the
+    mention, so the next cue before it is judged instead ("no pneumothorax following removal of the
+    chest tube or new effusion": the "no" still reaches the effusion)."""
     i = bisect_right(cues.ends, start) - 1
+    while i >= 0 and SHORT_REACH_NEGATION.fullmatch(cues[i].text) \
+            and SHORT_REACH_STOP.search(ctx.sentence, cues[i].end, start):
+        i -= 1
     if i < 0:
         return None
     cue = cues[i]
-    if SHORT_REACH_NEGATION.fullmatch(cue.text):
-        if SHORT_REACH_STOP.search(ctx.sentence, cue.end, start):
-            return None
-        window = min(window, SHORT_REACH_WINDOW)
-    if _words_between(ctx, cue.end, start) > window or _terminated(ctx, cue.end, start):
+    if _words_between(ctx, cue.end, start) > window or _terminated(terminators, cue.end, start):
         return None
     return cue
 
 
-def _post_cue(cues: Cues, ctx: SentenceContext, end: int, window: int) -> Optional[Cue]:
+def _post_cue(cues: Cues, ctx: SentenceContext, end: int, window: int,
+              terminators: Tuple[Tuple[int, int], ...]) -> Optional[Cue]:
     """The closest cue that starts after ``end``, if it reaches back to it. A pre-negation in between
     claims the cue for the negated phrase it opens: in "pneumonia without effusion or pneumothorax" the
     "or" joins the negated list and does not make the pneumonia uncertain."""
@@ -234,7 +249,7 @@ def _post_cue(cues: Cues, ctx: SentenceContext, end: int, window: int) -> Option
     if i == len(cues):
         return None
     cue = cues[i]
-    if _words_between(ctx, end, cue.start) > window or _terminated(ctx, end, cue.start):
+    if _words_between(ctx, end, cue.start) > window or _terminated(terminators, end, cue.start):
         return None
     negs = ctx.pre_negation
     j = bisect_left(negs.starts, end)
@@ -245,11 +260,11 @@ def _post_cue(cues: Cues, ctx: SentenceContext, end: int, window: int) -> Option
 
 def negation_cue(ctx: SentenceContext, start: int, end: int) -> Optional[Cue]:
     """The negation cue whose scope covers the mention at ``[start, end)``, if any."""
-    return (_pre_cue(ctx.pre_negation, ctx, start, PRE_NEGATION_WINDOW)
-            or _post_cue(ctx.post_negation, ctx, end, POST_NEGATION_WINDOW))
+    return (_pre_cue(ctx.pre_negation, ctx, start, PRE_NEGATION_WINDOW, ctx.negation_terminators)
+            or _post_cue(ctx.post_negation, ctx, end, POST_NEGATION_WINDOW, ctx.negation_terminators))
 
 
 def uncertainty_cue(ctx: SentenceContext, start: int, end: int) -> Optional[Cue]:
     """The uncertainty cue whose scope covers the mention at ``[start, end)``, if any."""
-    return (_pre_cue(ctx.pre_uncertainty, ctx, start, PRE_UNCERTAINTY_WINDOW)
-            or _post_cue(ctx.post_uncertainty, ctx, end, POST_UNCERTAINTY_WINDOW))
+    return (_pre_cue(ctx.pre_uncertainty, ctx, start, PRE_UNCERTAINTY_WINDOW, ctx.terminators)
+            or _post_cue(ctx.post_uncertainty, ctx, end, POST_UNCERTAINTY_WINDOW, ctx.terminators))

@@ -30,10 +30,13 @@ _PUNCT_MAP = str.maketrans({
 # ".." (common in IU-Xray) are dropped.
 _ABBREVIATION_DOT = r"(?i:(?<=\bvs)\.|(?<=\bapprox)\.|(?<=\be)\.(?=g\.)|(?<=\be\.g)\.|(?<=\bi)\.(?=e\.)|(?<=\bi\.e)\.)"
 _SENTENCE = re.compile(r"(?:[^.!?\n]|(?<=\d)\.(?=\d)|" + _ABBREVIATION_DOT + r")+\??")
-# A hard-wrapped line (MIMIC-CXR reports break lines inside sentences): a newline after a character that
-# does not end a sentence, before a line that starts in lower case, is a space ("no pleural\n effusion").
-# A line that starts in upper case, or follows ".", ":" or ";", stays a sentence of its own (template lists).
-_WRAP = re.compile(r"(?<=[^.!?:;\n\s])[ ]*\n[ ]*(?=[a-z])")
+# A hard-wrapped line (MIMIC-CXR reports break lines inside sentences at about 60-80 characters): a newline
+# after a line of at least WRAP_WIDTH characters that does not end a sentence, before a line that starts in
+# lower case, is a space ("there is no focal consolidation, pleural\n effusion"). A short line, a line that
+# starts in upper case or one after ".", ":" or ";" stays a sentence of its own: reports written one finding
+# per line ("no pneumothorax\nmoderate right effusion") are lists, not wrapped text.
+WRAP_WIDTH = 40
+_WRAP = re.compile(r"(?m)^([^\n]{%d,}[^.!?:;\n\s])[ ]*\n[ ]*(?=[a-z])" % (WRAP_WIDTH - 1))
 _SPACES = re.compile(r"[ ]{2,}")
 
 
@@ -46,7 +49,7 @@ def normalize(text: str) -> str:
     if not isinstance(text, str):
         raise TypeError(f"report text must be str, not {type(text).__name__}")
     text = unicodedata.normalize("NFKC", text).replace("\r\n", "\n").translate(_PUNCT_MAP)
-    return _SPACES.sub(" ", _WRAP.sub(" ", text))
+    return _SPACES.sub(" ", _WRAP.sub(r"\1 ", text))
 
 
 def split_sentences(text: str) -> List[str]:
