@@ -179,6 +179,11 @@ def test_cli_refuses_to_clobber_a_run(tiny_data, tmp_path, capsys):
     assert cli_main(args + ["--overwrite"]) == 0
     assert (out / "notes.txt").read_text() == "mine"
     assert not set(old_events) & set((out / "tensorboard").iterdir())
+    # --overwrite with a config that cannot start (a typo in the data path): the old run is still there
+    kept = sorted(p.relative_to(out) for p in out.rglob("*"))
+    assert cli_main(args + ["--overwrite", "--set", f"data.annotation={tmp_path / 'typo.json'}"]) == 1
+    assert "typo.json" in capsys.readouterr().err
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == kept
     # a folder of the user's that holds files a run writes (but no run) is refused too
     theirs = tmp_path / "theirs"
     theirs.mkdir()
@@ -259,6 +264,16 @@ def test_relative_data_paths_are_stored_absolute_and_evaluate_works_from_elsewhe
     # resuming with the same relative --set paths is the same config, not a conflict
     assert cli_main(["train", "--out", "run", "--resume", "--set", "optim.epochs=1",
                      "--set", "data.annotation=data/annotation.json"]) == 0
+    # a run saved before paths were stored absolute (a relative data.labels, which may not change on resume)
+    # resumes from the directory it was started in
+    labels = json.loads((data / "labels.json").read_text())
+    assert cli_main(tiny_argv(rel, Path("old"), "optim.epochs=1", "data.val_limit=2", "data.iec=none",
+                              "data.labels=data/labels.json")) == 0
+    config = json.loads((tmp_path / "work" / "old" / "config.json").read_text())
+    assert config["data"]["labels"] == str(data / "labels.json") and labels
+    config["data"]["labels"] = "data/labels.json"
+    (tmp_path / "work" / "old" / "config.json").write_text(json.dumps(config))
+    assert cli_main(["train", "--out", "old", "--resume", "--set", "optim.epochs=2"]) == 0
     monkeypatch.chdir(tmp_path)
     assert cli_main(["evaluate", "--checkpoint", "work/run/best", "--out", "ev", "--limit", "2", "--no-meteor",
                      "--split", "val"]) == 0

@@ -128,6 +128,18 @@ def _training_data_config(meta: dict, checkpoint: Path) -> Any:
     return from_dict(TrainConfig, train_cfg, source=f"{checkpoint}/meta.json").data
 
 
+def _no_iec_note(first_image: Path) -> str:
+    """The page's note for a model configured without IEC: its images may still have been enhanced offline
+    (``ifnet enhance`` records that in each PNG it writes)."""
+    from ifnet.iec.enhance import read_stored_info
+
+    info = read_stored_info(first_image) if Path(first_image).suffix.lower() == ".png" else None
+    if info and info.get("clahe_applied"):
+        return ("the images were enhanced offline by `ifnet enhance` (data.iec none): the panels show them as the "
+                "model read them")
+    return "the model reads the images unenhanced (data.iec none): no IEC panels"
+
+
 def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", annotation: Optional[Path] = None,
                         image_root: Optional[Path] = None, beam_size: Optional[int] = None,
                         max_len: Optional[int] = None, guidance: Optional[float] = None,
@@ -210,8 +222,7 @@ def evaluate_checkpoint(checkpoint: Path, out: Path, *, split: str = "test", ann
     write_page(out / "index.html", f"IFNet evaluation: {split} split ({len(preds)} studies)", page_examples,
                metrics={k: v for k, v in metrics.items()},
                curves_png=Path(checkpoint).parent / "curves.png",
-               notes=[*notes, *(["the model reads the images unenhanced (data.iec none): no IEC panels"]
-                                if enhancer is None else []),
+               notes=[*notes, *([_no_iec_note(ann.image_files(studies[0])[0])] if enhancer is None and studies else []),
                       f"checkpoint {checkpoint}; beam {beam}; condition guidance {guide:g}; "
                                   f"{f'MBR over {mbr} samples; ' if mbr else ''}"
                                   f"CE uncertain -> {metrics.get('CE_uncertain', 'positive')}",

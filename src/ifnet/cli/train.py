@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     if taken and not args.resume and not args.overwrite:
         raise IFNetError(f"{out}: holds {', '.join(taken)}, which a run would overwrite; choose another --out, "
                          "or pass --overwrite to replace them")
-    run_cfg = resolve(TrainConfig, saved) if args.resume and saved.exists() else None  # JSON is YAML
+    # JSON is YAML; a run saved before paths were stored absolute is compared as if they were
+    run_cfg = with_absolute_paths(resolve(TrainConfig, saved)) if args.resume and saved.exists() else None
     # with --resume and no --config: the run's own config, then --set; paths absolute, as the run stores them
     cfg = with_absolute_paths(resolve(TrainConfig, saved if run_cfg is not None and args.config is None else args.config,
                                       args.overrides))
@@ -106,9 +107,6 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: {saved}: {conflict}; the checkpoint was trained with the run's config "
                              f"(leave out --config to use it; --set may change only "
                              f"{', '.join(RESUME_MAY_CHANGE)} but eval.monitor)")
-    if args.overwrite and not args.resume and taken and os.environ.get("RANK", "0") == "0":
-        for name in taken:  # the old run's files (TensorBoard events included), not the user's others
-            remove_path(out / name)
     if args.resume and (out / LAST).exists():
         done = _epochs_done(out / LAST)
         if done is not None and done >= cfg.optim.epochs:  # nothing to do: say so before caching any features
@@ -120,7 +118,10 @@ def run(args: argparse.Namespace) -> int:
     fresh = not args.resume and (not existed or not any(out.iterdir()))
     trainer = None
     try:
-        trainer = Trainer(cfg, out, resume=args.resume)
+        trainer = Trainer(cfg, out, resume=args.resume)  # checks the data and builds the model; writes nothing
+        if args.overwrite and not args.resume and taken and trainer.is_main:
+            for name in taken:  # the old run's files (TensorBoard events included), not the user's others
+                remove_path(out / name)
         result = trainer.fit()
     except BaseException:
         main_rank = trainer.is_main if trainer is not None else os.environ.get("RANK", "0") == "0"

@@ -174,8 +174,9 @@ PATH_FIELDS = (("data", "annotation"), ("data", "image_root"), ("data", "labels"
 
 
 def with_absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
-    """``cfg`` with every path of PATH_FIELDS made absolute against the current directory (not resolved through
-    symlinks: a link the user chose stays the path recorded). Empty and unset paths stay as they are."""
+    """``cfg`` with every path of PATH_FIELDS made absolute against the current directory, by joining and not
+    normalising: a symlink the user chose stays the path recorded, and ``link/../x`` keeps meaning what the
+    operating system makes of it. Empty and unset paths stay as they are."""
     import os
     from dataclasses import replace
 
@@ -183,5 +184,5 @@ def with_absolute_paths(cfg: "TrainConfig") -> "TrainConfig":
     for section, name in PATH_FIELDS:
         value = getattr(getattr(cfg, section), name)
         if value:
-            sections.setdefault(section, {})[name] = os.path.abspath(os.path.expanduser(str(value)))
+            sections.setdefault(section, {})[name] = os.path.join(os.getcwd(), os.path.expanduser(str(value)))
     return replace(cfg, **{section: replace(getattr(cfg, section), **fields) for section, fields in sections.items()})
