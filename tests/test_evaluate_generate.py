@@ -258,3 +258,18 @@ def test_generate_warns_about_an_image_too_small_to_read(tiny_checkpoint, tmp_pa
     assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), str(dot)]) == 0
     err = capsys.readouterr().err
     assert f"warning: {dot} is 2x2 px, far below the model's" in err
+
+
+def test_generate_and_the_server_warn_alike_about_a_lateral_the_checkpoint_does_not_read():
+    from types import SimpleNamespace
+
+    from ifnet.inference import study_warnings
+
+    one_view = SimpleNamespace(max_views=1, describe=lambda: {"image_size": 224})
+    views = [np.zeros((512, 512), np.uint8), np.zeros((512, 512), np.uint8)]
+    assert study_warnings(["f.png", "l.png"], views, one_view) == [
+        "this checkpoint reads 1 view(s); the lateral image was not used"]
+    two_views = SimpleNamespace(max_views=2, describe=lambda: {"image_size": 224})
+    assert study_warnings(["f.png", "l.png"], views, two_views) == []
+    tiny = study_warnings(["f.png"], [np.zeros((20, 20), np.uint8)], two_views)
+    assert len(tiny) == 1 and tiny[0].startswith("f.png is 20x20 px")

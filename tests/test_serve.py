@@ -317,6 +317,24 @@ def test_upload_over_the_limit_is_413_before_it_is_read(predictor: Predictor) ->
         assert c.get("/healthz").json()["queue"]["completed"] == 1
 
 
+def test_an_upload_that_trickles_in_is_cut_off_with_408() -> None:
+    import asyncio
+
+    from ifnet.serve.upload import UploadError, read_multipart
+
+    async def trickle():
+        yield b"--b\r\nContent-Disposition: form-data; name=\"frontal\"; filename=\"x.png\"\r\n\r\n"
+        while True:  # a client sending a byte now and then, forever
+            await asyncio.sleep(0.05)
+            yield b"x"
+
+    with pytest.raises(UploadError) as info:
+        asyncio.run(read_multipart(trickle(), b"b", 1 << 20, timeout_s=0.3))
+    assert info.value.status == 408 and "did not arrive within 0.3 s" in str(info.value)
+    with pytest.raises(ValueError, match="upload_timeout_s must be positive"):
+        ServeLimits(upload_timeout_s=0)
+
+
 def test_queue_full_is_503_with_retry_after_and_recovers(predictor: Predictor) -> None:
     held = HeldPredictor(predictor)
     png = encode(phantom(96))

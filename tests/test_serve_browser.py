@@ -139,6 +139,12 @@ def test_upload_shows_report_findings_and_images(page, study, tmp_path: Path) ->
     assert shot.stat().st_size > 10_000
     if os.environ.get("IFNET_SCREENSHOT"):
         page.screenshot(path=os.environ["IFNET_SCREENSHOT"], full_page=True)
+    # the results belong to their image: a new file, or a request that fails, takes them off the page
+    page.set_input_files("#frontal-input", {"name": "bad.png", "mimeType": "image/png", "buffer": b"not an x-ray"})
+    assert page.is_hidden("#output")
+    page.click("#generate")
+    page.wait_for_selector("#error", state="visible", timeout=REPORT_TIMEOUT_MS)
+    assert page.is_hidden("#output") and page.is_visible("#placeholder")
 
 
 def test_drop_two_files_on_the_frontal_box(page, study) -> None:

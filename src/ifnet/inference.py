@@ -245,6 +245,16 @@ def view_warnings(label: str, height: int, width: int, input_size: Any) -> list[
     return out
 
 
+def study_warnings(labels: Sequence[str], views: Sequence[np.ndarray], predictor: Any) -> list[str]:
+    """Every warning about a study's images for ``predictor`` (generate and the server say the same): each view's
+    :func:`view_warnings`, and a lateral view the checkpoint does not read."""
+    size = predictor.describe().get("image_size")
+    out = [w for label, view in zip(labels, views) for w in view_warnings(label, view.shape[0], view.shape[1], size)]
+    if len(views) > predictor.max_views:
+        out.append(f"this checkpoint reads {predictor.max_views} view(s); the lateral image was not used")
+    return out
+
+
 #: The heatmap PNG is drawn at a display size: the longer side brought within these bounds (aspect kept).
 HEATMAP_MAX_SIDE = 2048
 HEATMAP_MIN_SIDE = 512

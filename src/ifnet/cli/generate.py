@@ -36,7 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ifnet.data.images import read_xray
-    from ifnet.inference import heatmap_overlay_png, open_predictor, parse_findings, view_warnings
+    from ifnet.inference import heatmap_overlay_png, open_predictor, parse_findings, study_warnings
     from ifnet.io_utils import atomic_write_bytes, check_writable_folder, check_writable_target
 
     if len(args.images) > 2:
@@ -51,9 +51,7 @@ def run(args: argparse.Namespace) -> int:
     predictor = open_predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
                                guidance=args.guidance, mbr_samples=args.mbr_samples)
     pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
-    size = predictor.describe().get("image_size")
-    warnings = [w for path, view in zip(args.images, views)
-                for w in view_warnings(str(path), view.shape[0], view.shape[1], size)]
+    warnings = study_warnings([str(p) for p in args.images], views, predictor)
     for warning in warnings:
         print(f"warning: {warning}", file=sys.stderr)
     if args.heatmap is not None and pred.heatmap is not None:

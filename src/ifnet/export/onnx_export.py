@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ifnet.data.tokenizer import BOS_ID
+from ifnet.data.tokenizer import BOS_ID, NEVER_GENERATED
 from ifnet.errors import IFNetError
 from ifnet.io_utils import OutputExistsError, PathLike, atomic_write_json, read_json, share_like_user_files
 from ifnet.export.graphs import BackboneGraph, DecoderStepGraph, EncoderGraph, state_names
@@ -125,7 +125,7 @@ def export_checkpoint(checkpoint: PathLike, out: PathLike, *, int8: bool = False
                 "beam_size": int(train_eval.get("beam_size", 3)), "max_len": int(train_eval.get("max_len", 60)),
                 "guidance": float(train_eval.get("guidance", 0.0)),
                 "bos_id": tokenizer.bos_id, "eos_id": tokenizer.eos_id, "pad_id": tokenizer.pad_id,
-                "masked_logits": [tokenizer.pad_id, tokenizer.bos_id],
+                "masked_logits": list(NEVER_GENERATED),
             },
             "state": {"self_attention": self_names, "cross_attention": cross_names,
                       "self_attention_outputs": ["new_" + n for n in self_names]},

@@ -308,4 +308,4 @@ class OnnxPredictor(_StudyPipeline):
         return {"runtime": f"onnxruntime-{self.model.variant}", "extractor": self.model.manifest["model"]["extractor"],
                 "max_views": self.max_views, "image_size": self.model.image_config.image_size,
                 "iec": self.model.image_config.iec, "beam_size": self.beam_size, "max_len": self.max_len,
-                "guidance": self.guidance, "device": "cpu"}
+                "guidance": self.guidance, "mbr_samples": 0, "device": "cpu"}

@@ -10,7 +10,7 @@ Routes:
 * ``GET /openapi.json`` -- the schema; ``GET /`` -- the page (``static/``).
 
 Every error is JSON ``{"error": "..."}``: 400 bad field or corrupt image (with the decoder's reason),
-413 too large, 415 not an image, 503 busy (with ``Retry-After``). The model is loaded once, before
+408 upload too slow, 413 too large, 415 not an image, 503 busy (with ``Retry-After``). The model is loaded once, before
 the app exists; inference runs in :class:`~ifnet.serve.limits.InferenceQueue` workers, so the event
 loop keeps answering (and refusing) while a report is being generated. Uploads are parsed in memory
 (:mod:`ifnet.serve.upload`); nothing is written to disk.
@@ -161,13 +161,9 @@ def _run_study(predictor: Any, study: Study, limits: ServeLimits, submitted: flo
     out = pred.to_json()
     out["views"] = [{"field": u.field, "filename": u.filename, "format": u.format, "width": int(v.shape[1]),
                      "height": int(v.shape[0]), "dtype": str(v.dtype)} for u, v in zip(study.uploads, views)]
-    from ifnet.inference import view_warnings
+    from ifnet.inference import study_warnings
 
-    size = predictor.describe().get("image_size")
-    out["warnings"] = [w for u, v in zip(study.uploads, views) for w in view_warnings(u.label, *v.shape[:2], size)]
-    if len(views) > predictor.max_views:
-        out["warnings"].append(f"this checkpoint reads {predictor.max_views} view(s); "
-                               "the lateral image was not used")
+    out["warnings"] = study_warnings([u.label for u in study.uploads], views, predictor)
     timings = {"queue_wait": (started - submitted) * 1000, "image_decode": (decoded - started) * 1000}
     if study.include_images:
         t0 = time.perf_counter()
@@ -322,7 +318,8 @@ def create_app(predictor: Union[Any, str, Path], limits: ServeLimits = ServeLimi
         try:
             boundary = multipart_boundary(request.headers.get("content-type"))
             check_declared_length(request.headers.get("content-length"), limits.max_upload_bytes)
-            parts = await read_multipart(request.stream(), boundary, limits.max_upload_bytes)
+            parts = await read_multipart(request.stream(), boundary, limits.max_upload_bytes,
+                                         timeout_s=limits.upload_timeout_s)
         except UploadError as e:
             raise ApiError(e.status, str(e)) from None
         study = _study_from_parts(parts, include_images)

@@ -41,6 +41,7 @@ class ServeLimits:
     workers: int = 1  # inference threads sharing the one loaded model
     queue_size: int = 8  # requests allowed to wait for a worker; beyond that: 503
     max_display_side: int = 768  # long side of the PNGs returned for the page (include_images)
+    upload_timeout_s: float = 120.0  # the whole body must arrive within this (408 otherwise): 64 MB at ~0.5 MB/s
 
     def __post_init__(self) -> None:
         if self.max_upload_bytes < 1024:
@@ -51,6 +52,8 @@ class ServeLimits:
             raise ValueError(f"queue_size must be 0 or more, got {self.queue_size}")
         if self.max_display_side < 64:
             raise ValueError(f"max_display_side must be at least 64, got {self.max_display_side}")
+        if not self.upload_timeout_s > 0:
+            raise ValueError(f"upload_timeout_s must be positive, got {self.upload_timeout_s}")
 
 
 def sniff_format(head: bytes) -> Optional[str]:

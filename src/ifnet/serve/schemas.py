@@ -120,6 +120,7 @@ REPORT_FORM = {
 }
 ERROR_RESPONSES = {code: {"model": ErrorResponse, "description": text} for code, text in (
     (400, "a bad field or a corrupt image (the message gives the decoder's reason)"),
+    (408, "the whole upload did not arrive within the server's upload timeout"),
     (413, "the upload is larger than the server's limit"),
     (415, "not multipart/form-data, or a file that is not PNG, JPEG or DICOM"),
     (422, "a malformed query parameter"),

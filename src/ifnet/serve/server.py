@@ -60,10 +60,16 @@ def url_for(sock: socket.socket) -> str:
     return f"http://{host}:{port}/"
 
 
+#: Seconds the requests in flight get to finish after SIGINT/SIGTERM (a slow upload is cut off then).
+GRACEFUL_SHUTDOWN_S = 30
+
+
 def run_server(app: Any, sock: socket.socket, *, limit_concurrency: int, log_level: str = "info") -> None:
     """Serve ``app`` on ``sock`` until SIGINT/SIGTERM (uvicorn, one process, one event loop)."""
     import uvicorn
 
+    # On SIGINT/SIGTERM, requests in flight get GRACEFUL_SHUTDOWN_S to finish; then the server exits anyway.
     config = uvicorn.Config(app, log_level=log_level, limit_concurrency=limit_concurrency,
-                            timeout_keep_alive=5, server_header=False, lifespan="on")
+                            timeout_keep_alive=5, server_header=False, lifespan="on",
+                            timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S)
     uvicorn.Server(config).run(sockets=[sock])

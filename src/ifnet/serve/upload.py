@@ -9,6 +9,8 @@ declares no length.
 
 from __future__ import annotations
 
+import asyncio
+
 from dataclasses import dataclass, field
 from typing import AsyncIterator, Optional
 
@@ -117,18 +119,24 @@ class _Collector:
 
 
 async def read_multipart(chunks: AsyncIterator[bytes], boundary: bytes, limit: int,
-                         *, max_parts: int = 8) -> list[Part]:
-    """Parse the body streamed by ``chunks``; 413 as soon as more than ``limit`` bytes arrived."""
+                         *, max_parts: int = 8, timeout_s: Optional[float] = None) -> list[Part]:
+    """Parse the body streamed by ``chunks``; 413 as soon as more than ``limit`` bytes arrived, 408 when the
+    whole body has not arrived within ``timeout_s`` seconds (a client trickling bytes would otherwise hold
+    its connection, and the server's shutdown, for as long as it likes)."""
     collector = _Collector(max_parts)
     parser = MultipartParser(boundary, collector.callbacks())
     received = 0
     try:
-        async for chunk in chunks:
-            received += len(chunk)
-            if received > limit:
-                raise too_large(limit)
-            parser.write(chunk)
+        async with asyncio.timeout(timeout_s):
+            async for chunk in chunks:
+                received += len(chunk)
+                if received > limit:
+                    raise too_large(limit)
+                parser.write(chunk)
         parser.finalize()
+    except TimeoutError:
+        raise UploadError(408, f"the upload did not arrive within {timeout_s:g} s ({received} bytes received)") \
+            from None
     except MultipartParseError as e:
         raise UploadError(400, f"malformed multipart/form-data body: {e}") from None
     if not collector.finished:

@@ -32,7 +32,15 @@
     box.hidden = !message;
   }
 
+  // The results on screen belong to the images they were made from: a new image or a new request takes them
+  // away, so a report is never read beside another study's image or under an error about a new one.
+  function clearResults() {
+    $("output").hidden = true;
+    $("placeholder").hidden = false;
+  }
+
   function setFile(field, file) {
+    clearResults();
     files[field] = file || null;
     const drop = $("drop-" + field);
     $(field + "-name").textContent = file ? file.name + " · " + formatBytes(file.size) : "";
@@ -192,6 +200,7 @@
     button.classList.add("busy");
     button.querySelector(".label").textContent = "Generating…";
     showError("");
+    clearResults();
     try {
       const response = await fetch("/v1/reports?include_images=true", { method: "POST", body: form });
       if (!response.ok) {
