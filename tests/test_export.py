@@ -280,6 +280,12 @@ def test_cli_generate_reads_an_export_folder(exported: Path, tiny_checkpoint: Pa
     assert doc["report"] and set(doc["findings"]) == set(want.findings)
     assert cli_main(["generate", "--checkpoint", str(exported), images[0], "--guidance", "-1"]) == 1
     assert "--guidance must be a finite number >= 0" in capsys.readouterr().err
+    # --variant fp32 picks the export's fp32 model: PyTorch's report; on a checkpoint --variant is an error
+    assert cli_main(["generate", "--checkpoint", str(exported), *images, "--json", "--guidance", "2",
+                     "--variant", "fp32"]) == 0
+    assert json.loads(capsys.readouterr().out)["report"] == want.report
+    assert cli_main(["generate", "--checkpoint", str(tiny_checkpoint), images[0], "--variant", "int8"]) == 1
+    assert "--variant chooses between an export folder's fp32 and int8 models" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("extra, message", [

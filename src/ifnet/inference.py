@@ -212,10 +212,14 @@ def is_onnx_export(path: Path | str) -> bool:
 
 def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optional[int] = None,
                    max_len: Optional[int] = None, guidance: Optional[float] = None,
-                   threads: Optional[int] = None, mbr_samples: Optional[int] = None) -> _StudyPipeline:
+                   threads: Optional[int] = None, mbr_samples: Optional[int] = None,
+                   variant: Optional[str] = None) -> _StudyPipeline:
     """A :class:`Predictor` for a checkpoint folder, or an ONNX Runtime
-    :class:`~ifnet.export.runtime.OnnxPredictor` for an ``ifnet export`` folder (its default variant, on
-    the CPU with ``threads`` intra-op threads)."""
+    :class:`~ifnet.export.runtime.OnnxPredictor` for an ``ifnet export`` folder (``variant`` "fp32" or "int8",
+    default the folder's default; on the CPU with ``threads`` intra-op threads)."""
+    if variant is not None and not is_onnx_export(path):
+        raise IFNetError(f"{path}: --variant chooses between an export folder's fp32 and int8 models; this is a "
+                         "checkpoint")
     if is_onnx_export(path):
         if device not in ("auto", "cpu"):
             raise IFNetError(f"{path}: an ONNX export runs on the CPU (ONNX Runtime); got --device {device}")
@@ -223,7 +227,8 @@ def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optiona
             raise IFNetError(f"{path}: an ONNX export decodes with beam search only; --mbr-samples needs a checkpoint")
         from ifnet.export.runtime import OnnxPredictor
 
-        return OnnxPredictor(path, beam_size=beam_size, max_len=max_len, guidance=guidance, threads=threads)
+        return OnnxPredictor(path, variant=variant, beam_size=beam_size, max_len=max_len, guidance=guidance,
+                             threads=threads)
     return Predictor(path, device=device, beam_size=beam_size, max_len=max_len, guidance=guidance,
                      mbr_samples=mbr_samples)
 

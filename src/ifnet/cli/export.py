@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from ifnet.errors import IFNetError, UsageError
@@ -72,7 +73,16 @@ def run(args: argparse.Namespace) -> int:
               + f"  {row['same_tokens_as_fp32']:.0%}")
     print(f"written to {args.out / 'int8_report.json'}: "
           + json.dumps(report["variants"].get("int8", {}).get("change_vs_fp32", {})))
+    agreement = report["variants"].get("int8", {}).get("same_tokens_as_fp32")
+    if agreement is not None and agreement < INT8_AGREEMENT_WARNING:
+        print(f"warning: int8 writes the same report as fp32 for only {agreement:.0%} of {limit} studies; "
+              f"generate and serve use the int8 model by default: judge the metric change above, or pass "
+              f"--variant fp32 to them", file=sys.stderr)
     return 0
+
+
+#: Below this share of studies with fp32's exact tokens, export warns about the int8 default.
+INT8_AGREEMENT_WARNING = 0.5
 
 
 def _check_compare_data(args: argparse.Namespace) -> None:

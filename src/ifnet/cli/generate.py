@@ -30,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "eval.guidance; 0 = plain beam search)")
     parser.add_argument("--mbr-samples", type=int, help="choose the report by findings-preserving minimum Bayes-risk "
                         "decoding over N samples (default: the checkpoint's eval.mbr_samples; 0 = off)")
+    parser.add_argument("--variant", choices=("fp32", "int8"),
+                        help="for an `ifnet export` folder: the fp32 or int8 model (default: the folder's default)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --heatmap file")
 
@@ -49,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     findings = parse_findings(args.findings) if args.findings is not None else None
     views = [read_xray(p) for p in args.images]  # clear ImageError naming a bad file, before loading the model
     predictor = open_predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
-                               guidance=args.guidance, mbr_samples=args.mbr_samples)
+                               guidance=args.guidance, mbr_samples=args.mbr_samples, variant=args.variant)
     pred = predictor.predict(views, findings=findings, heatmap=args.heatmap is not None)
     warnings = study_warnings([str(p) for p in args.images], views, predictor)
     for warning in warnings:

@@ -24,6 +24,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="interface to listen on (default 127.0.0.1, this machine only; 0.0.0.0: every "
                              "interface, with no authentication)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 picks a free one)")
+    parser.add_argument("--variant", choices=("fp32", "int8"),
+                        help="for an `ifnet export` folder: the fp32 or int8 model (default: the folder's default)")
     parser.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--workers", type=int, default=1,
                         help="reports generated at the same time, sharing the one loaded model (default 1)")
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     threads = args.threads or max(1, (os.cpu_count() or 1) // args.workers)
     torch.set_num_threads(threads)
     predictor = open_predictor(args.checkpoint, device=args.device, beam_size=args.beam_size, max_len=args.max_len,
-                               threads=threads)
+                               threads=threads, variant=args.variant)
     warm_up(predictor, limits)
     app = create_app(predictor, limits, allowed_hosts=LOOPBACK_HOSTS if loopback else None)
     url = url_for(sock)
