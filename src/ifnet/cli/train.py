@@ -107,7 +107,12 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(f"--resume: {saved}: {conflict}; the checkpoint was trained with the run's config "
                              f"(leave out --config to use it; --set may change only "
                              f"{', '.join(RESUME_MAY_CHANGE)} but eval.monitor)")
-    if args.resume and (out / LAST).exists():
+    if args.resume and "RANK" not in os.environ:  # (under torchrun the trainer recovers and ranks agree)
+        from ifnet.models.checkpoint import recover_checkpoint
+
+        for name in (LAST, "best"):  # a save a kill interrupted is put back first, as the trainer would
+            recover_checkpoint(out / name)
+    if args.resume and "RANK" not in os.environ and (out / LAST).exists():
         done = _epochs_done(out / LAST)
         if done is not None and done >= cfg.optim.epochs:  # nothing to do: say so before caching any features
             print(f"{out}: the run is complete ({done}/{cfg.optim.epochs} epochs); nothing to resume. Raise "
