@@ -217,10 +217,11 @@ def open_predictor(path: Path | str, *, device: str = "auto", beam_size: Optiona
     """A :class:`Predictor` for a checkpoint folder, or an ONNX Runtime
     :class:`~ifnet.export.runtime.OnnxPredictor` for an ``ifnet export`` folder (``variant`` "fp32" or "int8",
     default the folder's default; on the CPU with ``threads`` intra-op threads)."""
-    if variant is not None and not is_onnx_export(path):
+    onnx = is_onnx_export(path)
+    if variant is not None and not onnx:
         raise IFNetError(f"{path}: --variant chooses between an export folder's fp32 and int8 models; this is a "
                          "checkpoint")
-    if is_onnx_export(path):
+    if onnx:
         if device not in ("auto", "cpu"):
             raise IFNetError(f"{path}: an ONNX export runs on the CPU (ONNX Runtime); got --device {device}")
         if mbr_samples:
@@ -275,16 +276,18 @@ def heatmap_overlay_png(image: np.ndarray, heat: np.ndarray, *, alpha: float = 0
 
     matplotlib.use("Agg")
     from matplotlib import colormaps
+    import cv2
     from PIL import Image, ImageDraw, ImageFont
 
     from ifnet.data.images import to_uint8
 
-    import cv2
-
     gray8, heat = to_uint8(image), np.asarray(heat, dtype=np.float32)
     h, w = gray8.shape
-    scale = min(HEATMAP_MAX_SIDE / max(h, w), 1.0) if max(h, w) > HEATMAP_MIN_SIDE else HEATMAP_MIN_SIDE / max(h, w)
-    if display_size and scale != 1.0:  # a display size: a 6000 px radiograph need not cost gigabytes, nor a tiny one be unreadable
+    # a display size: a 6000 px radiograph need not cost gigabytes, nor a tiny one be unreadable
+    scale = 1.0
+    if display_size:
+        scale = min(HEATMAP_MAX_SIDE / max(h, w), 1.0) if max(h, w) > HEATMAP_MIN_SIDE else HEATMAP_MIN_SIDE / max(h, w)
+    if scale != 1.0:
         size = (max(1, round(w * scale)), max(1, round(h * scale)))
         gray8 = cv2.resize(gray8, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
         heat = cv2.resize(heat, size, interpolation=cv2.INTER_LINEAR)

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import IO, Any, Iterator, Union
+from typing import IO, Any, Iterator, Sequence, Union
 
 from ifnet.errors import IFNetError
 
@@ -77,6 +77,12 @@ def check_writable_folder(folder: PathLike) -> Path:
     if not os.access(probe, os.W_OK | os.X_OK):
         raise OutputExistsError(f"{probe}: no permission to write into this folder")
     return p
+
+
+def existing_entries(folder: PathLike, names: Sequence[str]) -> list[str]:
+    """The ``names`` present in ``folder`` (a dangling symlink counts: replacing it would still replace a user's
+    entry), in the order given."""
+    return [name for name in names if (Path(folder) / name).exists() or (Path(folder) / name).is_symlink()]
 
 
 def check_distinct_targets(targets: dict) -> None:

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from ifnet.config import resolve
     from ifnet.demo.dataset import DemoSplit, write_demo_dataset
     from ifnet.evaluation import evaluate_checkpoint
-    from ifnet.io_utils import atomic_write_json, read_json, remove_path
+    from ifnet.io_utils import atomic_write_json, existing_entries, read_json, remove_path
     from ifnet.labeler import label_reports
     from ifnet.labels import FINDINGS, to_binary
     from ifnet.train.config import TrainConfig
@@ -66,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
             if not args.overwrite:
                 raise IFNetError(f"{out}: exists and is not a demo folder; choose another --out, or pass --overwrite to "
                                  f"write the demo's entries into it (nothing else there is touched)")
-            taken = [name for name in DEMO_ENTRIES[1:] if (out / name).exists() or (out / name).is_symlink()]
+            taken = existing_entries(out, DEMO_ENTRIES[1:])
             if taken:  # the user's own files that happen to carry the demo's names: never deleted
                 raise IFNetError(f"{out}: {', '.join(taken)} already there and not written by `ifnet demo`; "
                                  "move them away or choose another --out")

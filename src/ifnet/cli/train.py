@@ -80,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
     from ifnet.models.checkpoint import interrupted_save
     from ifnet.train import distributed
     from ifnet.train.config import TrainConfig, with_absolute_paths
-    from ifnet.io_utils import remove_path
-    from ifnet.train.trainer import LAST, RUN_ENTRIES, Trainer
+    from ifnet.io_utils import existing_entries, remove_path
+    from ifnet.train.trainer import BEST, LAST, RUN_ENTRIES, Trainer
 
     out: Path = args.out
     if out.exists() and not out.is_dir():
@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError(f"--resume: {out / LAST} not found (nothing to resume)")
     if has_run and not args.resume and not args.overwrite:
         raise IFNetError(f"{out}: already holds a run; use --resume to continue it or --overwrite to start afresh")
-    taken = [name for name in RUN_ENTRIES if (out / name).exists() or (out / name).is_symlink()]
+    taken = existing_entries(out, RUN_ENTRIES)
     if taken and not args.resume and not args.overwrite:
         raise IFNetError(f"{out}: holds {', '.join(taken)}, which a run would overwrite; choose another --out, "
                          "or pass --overwrite to replace them")
@@ -110,10 +110,9 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and "RANK" not in os.environ:  # (under torchrun the trainer recovers and ranks agree)
         from ifnet.models.checkpoint import recover_checkpoint
 
-        for name in (LAST, "best"):  # a save a kill interrupted is put back first, as the trainer would
+        for name in (LAST, BEST):  # a save a kill interrupted is put back first, as the trainer would
             recover_checkpoint(out / name)
-    if args.resume and "RANK" not in os.environ and (out / LAST).exists():
-        done = _epochs_done(out / LAST)
+        done = _epochs_done(out / LAST) if (out / LAST).exists() else None
         if done is not None and done >= cfg.optim.epochs:  # nothing to do: say so before caching any features
             print(f"{out}: the run is complete ({done}/{cfg.optim.epochs} epochs); nothing to resume. Raise "
                   f"optim.epochs (--set optim.epochs={done + 10}) to train further")
